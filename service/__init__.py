@@ -1,0 +1,1 @@
+"""hsc.service."""
