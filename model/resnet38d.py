@@ -122,7 +122,20 @@ class ResNet38d(nn.Module):
 
     def forward_as_dict(self, x: Tensor) -> dict[str, Tensor]:
         x = self.conv1a(x)
-        for name in ("b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4", "b4_1", "b4_2", "b4_3", "b4_4", "b4_5"):
+        for name in (
+            "b2",
+            "b2_1",
+            "b2_2",
+            "b3",
+            "b3_1",
+            "b3_2",
+            "b4",
+            "b4_1",
+            "b4_2",
+            "b4_3",
+            "b4_4",
+            "b4_5",
+        ):
             x = getattr(self, name)(x)
         x, conv4 = self.b5.forward_with_preact(x)
         x = self.b5_2(self.b5_1(x))

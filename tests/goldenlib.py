@@ -120,7 +120,9 @@ def build_inputs(c: dict[str, Any], **extra: Any) -> dict[str, Any]:
 # comparisons (docs/golden.md section 2)
 
 
-def assert_rel(actual: float, expected: float, rel: float = 1e-5, floor: float = 1e-7, what: str = "") -> None:
+def assert_rel(
+    actual: float, expected: float, rel: float = 1e-5, floor: float = 1e-7, what: str = ""
+) -> None:
     actual = float(actual)
     tol = max(rel * abs(expected), floor)
     assert abs(actual - expected) <= tol, f"{what}: {actual!r} != {expected!r} (tol {tol:.3g})"
@@ -188,7 +190,9 @@ def assert_summary(t: torch.Tensor, expected: dict[str, Any], mode: str, what: s
     else:
         raise ValueError(mode)
     for k, tk in tol.items():
-        assert abs(got[k] - expected[k]) <= tk + floor, f"{what}: {k} {got[k]!r} != {expected[k]!r} (tol {tk:.3g})"
+        assert abs(got[k] - expected[k]) <= tk + floor, (
+            f"{what}: {k} {got[k]!r} != {expected[k]!r} (tol {tk:.3g})"
+        )
     for key, value in expected.get("at", {}).items():
         v = float(a[_index(key)])
         assert abs(v - value) <= tol_at + floor, f"{what}: at {key} {v!r} != {value!r} (tol {tol_at:.3g})"

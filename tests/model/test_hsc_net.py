@@ -6,10 +6,11 @@ import functools
 
 import pytest
 import torch
-from goldenlib import assert_summary, build_inputs, case, golden, golden_path, seeded_weights, sha256_of
 
 from hsc.model.hsc_net import HSCNet, build_hsc_net, pcm_seed
 from hsc.model.resnet38d import feature_size
+
+from goldenlib import assert_summary, build_inputs, case, golden, golden_path, seeded_weights, sha256_of
 
 
 @functools.lru_cache(maxsize=1)
