@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from hsc.core.classes import IGNORE_INDEX, VOC_LABEL_NAMES
 from numpy.typing import ArrayLike, NDArray
 from PIL import Image
+
+from hsc.model.classes import IGNORE_INDEX, VOC_LABEL_NAMES
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(i / 100 for i in range(60))
 """The official sweep: t = 0.00 ... 0.59, step 0.01 (each value is exactly ``i / 100``)."""
