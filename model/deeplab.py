@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from hsc.model.resnet101 import LoadReport, ResNet101, Stem, load_pretrained_state_dict
 from torch import Tensor, nn
+
+from hsc.model.resnet101 import LoadReport, ResNet101, Stem, load_pretrained_state_dict
 
 ASPP_BN_MOMENTUM = 0.0003
 ASPP_RATES = (6, 12, 18, 24)

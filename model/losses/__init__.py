@@ -16,7 +16,6 @@ from .baseline import (  # noqa: F401 - re-exported
 )
 
 # --- end of the baseline block ---
-
 # --- HSC contrast losses and the HSC loss block (contrast.py, hsc_block.py) ---
 from .contrast import (  # noqa: F401 - re-exported
     CSCOutput,

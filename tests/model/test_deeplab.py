@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from goldenlib import case
+from torch import nn
+
 from hsc.model.deeplab import LR_MULTS, WEIGHT_DECAY_GROUPS, DeepLabV2, load_imagenet_weights
 from hsc.model.resnet101 import PretrainedWeightsError, ResNet101, load_pretrained_state_dict
-from torch import nn
+
+from goldenlib import case
 
 
 @pytest.fixture(scope="module")

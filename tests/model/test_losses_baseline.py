@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from goldenlib import assert_rel, assert_summary, build_inputs, case, parse_number
+
 from hsc.model.losses import (
     adaptive_min_pooling_k,
     adaptive_min_pooling_loss,
@@ -20,6 +20,8 @@ from hsc.model.losses import (
     max_onehot,
     multilabel_soft_margin_loss,
 )
+
+from goldenlib import assert_rel, assert_summary, build_inputs, case, parse_number
 
 
 def _value(c: dict, prefix: str):
