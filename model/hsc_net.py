@@ -142,8 +142,8 @@ class HSCNet(ResNet38d):
             if not isinstance(m, nn.Conv2d):
                 continue
             base = 2 if id(m) in scratch else 0
-            for offset, p in ((0, m.weight), (1, m.bias)):
-                if p is None or (id(p) in frozen and not include_frozen):
+            for offset, p in enumerate((m.weight, m.bias)):
+                if not isinstance(p, nn.Parameter) or (id(p) in frozen and not include_frozen):
                     continue
                 groups[base + offset].append(p)
         return groups
