@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 
 import torch
-from goldenlib import assert_rel, case, parse_number
 
 from hsc.training.optim import PolySGD, build_official_optimizer, poly_lr
+
+from goldenlib import assert_rel, case, parse_number
 
 
 def _params(n=4):
