@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .crf import crf_inference
+from .crf import check_rgb_image, crf_inference
 
 OFFICIAL_SCALES = (0.5, 1.0, 1.5, 2.0)
 LABEL_PRESENT = 1e-5  # a multi-hot entry above this marks a present class (official rule)
@@ -76,17 +76,7 @@ class MultiScaleCAM(NamedTuple):
 # input checks and pre-processing
 
 
-def check_image(image: Any) -> np.ndarray:
-    """Return ``image`` as a C-contiguous HWC uint8 RGB array, or raise ``ValueError``."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 (H, W, 3) RGB, got dtype {image.dtype}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be HWC RGB with 3 channels, got shape {tuple(image.shape)}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image is empty: shape {tuple(image.shape)}")
-    return np.ascontiguousarray(image)
+check_image = check_rgb_image
 
 
 def parse_labels(labels: Any, num_classes: int | None) -> tuple[tuple[int, ...], tuple[float, ...]]:

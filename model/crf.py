@@ -8,7 +8,8 @@
   bilateral 67 / 3 / 4, 10 iterations (:func:`crf_inference` with ``params=DEEPLAB_TEST_CRF``).
 
 All use pydensecrf's defaults otherwise (diagonal kernels, symmetric normalisation, Potts model).
-Images are HWC ``uint8`` RGB, C-contiguous, with the same height/width as the labels/probabilities.
+Images are HWC ``uint8`` RGB (made C-contiguous for pydensecrf), of the same height/width as
+the labels/probabilities.
 """
 
 from __future__ import annotations
@@ -66,18 +67,18 @@ INFERENCE_CRF = CRFParams(3, 3, 80, 13, 10, iterations=8)
 DEEPLAB_TEST_CRF = CRFParams(1, 3, 67, 3, 4, iterations=10)
 
 
-def _check_image(img: Any) -> np.ndarray:
+def check_rgb_image(img: Any) -> np.ndarray:
+    """Return ``img`` as a C-contiguous ``(H, W, 3)`` uint8 RGB array (a copy only if it was not
+    contiguous), or raise ``TypeError`` (not a numpy array) / ``ValueError`` (wrong dtype or shape)."""
     if not isinstance(img, np.ndarray):
-        raise TypeError(f"image must be a numpy array (HWC uint8), got {type(img).__name__}")
+        raise TypeError(f"image must be a numpy array (H, W, 3) uint8 RGB, got {type(img).__name__}")
     if img.dtype != np.uint8:
-        raise TypeError(f"image must be uint8 (HWC RGB), got dtype {img.dtype}")
+        raise ValueError(f"image must be uint8 (H, W, 3) RGB, got dtype {img.dtype}")
     if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"image must be HWC with 3 channels, got shape {img.shape}")
-    if not img.flags["C_CONTIGUOUS"]:
-        raise ValueError("image must be C-contiguous (use np.ascontiguousarray(img))")
+        raise ValueError(f"image must be HWC RGB with 3 channels, got shape {tuple(img.shape)}")
     if img.shape[0] < 1 or img.shape[1] < 1:
-        raise ValueError(f"image must not be empty, got shape {img.shape}")
-    return img
+        raise ValueError(f"image is empty: shape {tuple(img.shape)}")
+    return np.ascontiguousarray(img)
 
 
 def _run(img: np.ndarray, unary: np.ndarray, n_labels: int, params: CRFParams, iters: int) -> np.ndarray:
@@ -107,7 +108,7 @@ def crf_refine_labels(
     (pydensecrf ``unary_from_labels`` with ``zero_unsure=False``: label 0 is an ordinary label).
 
     Args:
-        img: ``(H, W, 3)`` uint8 RGB image, C-contiguous.
+        img: ``(H, W, 3)`` uint8 RGB image.
         labels: ``(H, W)`` integer label map with values in ``[0, n_labels)``.
         n_labels: number of labels of the CRF (HSC: ``K + 1`` channels, background last).
         gt_prob: confidence of the given labels, in (0, 1).
@@ -117,7 +118,7 @@ def crf_refine_labels(
     Returns:
         ``(H, W)`` int64 argmax of the CRF marginals (first maximum wins).
     """
-    img = _check_image(img)
+    img = check_rgb_image(img)
     labels = np.asarray(labels)
     if labels.shape != img.shape[:2]:
         raise ValueError(f"labels shape {labels.shape} != image size {img.shape[:2]}")
@@ -147,7 +148,7 @@ def crf_inference(
     (step 1 passes ``[(1 - max)^alpha, CAMs]``).
 
     Args:
-        img: ``(H, W, 3)`` uint8 RGB image, C-contiguous.
+        img: ``(H, W, 3)`` uint8 RGB image.
         probs: ``(L, H, W)`` float scores, ``L >= 2``.
         iters: mean-field iterations (the official ``crf_t``); ``None`` uses ``params.iterations``.
         params: :data:`INFERENCE_CRF` (default) or :data:`DEEPLAB_TEST_CRF`.
@@ -155,7 +156,7 @@ def crf_inference(
     Returns:
         ``(L, H, W)`` float32 Q, a distribution over the ``L`` labels at every pixel.
     """
-    img = _check_image(img)
+    img = check_rgb_image(img)
     probs = np.asarray(probs)
     if probs.ndim != 3 or probs.shape[1:] != img.shape[:2]:
         raise ValueError(f"probs must be (L, H, W) with (H, W) = {img.shape[:2]}, got {probs.shape}")

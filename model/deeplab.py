@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hsc.model.resnet101 import LoadReport, ResNet101, Stem, load_pretrained_state_dict
+from .resnet101 import LoadReport, ResNet101, Stem, kaiming_init_, load_pretrained_state_dict
 
 ASPP_BN_MOMENTUM = 0.0003
 ASPP_RATES = (6, 12, 18, 24)
@@ -129,14 +129,9 @@ class DeepLabV2(nn.Module):
         self._init_head()
 
     def _init_head(self) -> None:
+        # cls_conv.bias keeps PyTorch's default uniform initialisation (official).
         for module in (self.aspp, self.cls_conv):
-            for m in module.modules():
-                if isinstance(m, nn.Conv2d):
-                    # cls_conv.bias keeps PyTorch's default uniform initialisation (official).
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
+            kaiming_init_(module)
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]

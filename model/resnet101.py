@@ -160,12 +160,7 @@ class ResNet101(nn.Module):
 
     def reset_parameters(self) -> None:
         """He initialisation (fan-out) for the convolutions, BatchNorm weight 1 / bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init_(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64|128, H/4, W/4)
@@ -290,3 +285,14 @@ def load_pretrained_state_dict(
         for key, value in new_values.items():
             own[key].copy_(value)
     return report
+
+
+def kaiming_init_(module: nn.Module) -> None:
+    """He initialisation (fan-out, ReLU) of every Conv2d weight in ``module`` and weight 1 / bias 0 of
+    every BatchNorm2d; conv biases keep PyTorch's default uniform initialisation."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

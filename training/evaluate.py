@@ -456,10 +456,12 @@ def sweep_dir(
     class_names: Sequence[str] | None = None,
 ) -> SweepResult:
     """Threshold sweep over ``<cam_dir>/<id>.npy`` channel-space CAM dicts."""
-    sweep = ThresholdSweep(
-        thresholds, num_classes=num_classes, ignore_index=ignore_index, class_names=class_names
+    ids = list(ids)
+    return threshold_sweep(
+        (read_label_png(Path(gt_dir) / f"{name}.png") for name in ids),
+        (load_cam_npy(Path(cam_dir) / f"{name}.npy") for name in ids),
+        thresholds,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        class_names=class_names,
     )
-    for name in ids:
-        gt = read_label_png(Path(gt_dir) / f"{name}.png")
-        sweep.update(gt, load_cam_npy(Path(cam_dir) / f"{name}.npy"))
-    return sweep.result()
