@@ -20,6 +20,7 @@ What it computes (the released code; ``K`` foreground classes, background channe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -99,10 +100,20 @@ class TrainingObjective(nn.Module):
             generator=generator,
         )
 
+    def second_view(self, img: Tensor, saliency: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """View 2: bilinear (align_corners=True) resize of the image and the saliency to
+        ``view2_size`` (pixel-aligned with view 1, algorithm.md 4.5)."""
+        size = (self.cfg.view2_size, self.cfg.view2_size)
+        img2 = F.interpolate(img, size, mode="bilinear", align_corners=True)
+        sal2 = None
+        if saliency is not None:
+            sal2 = F.interpolate(saliency, size, mode="bilinear", align_corners=True)
+        return img2, sal2
+
     def forward(
         self, net: nn.Module, img: Tensor, saliency: Tensor | None, labels: Tensor
     ) -> dict[str, Tensor]:
-        """Loss terms of one step.
+        """Loss terms of one step: second view, both forwards, then :meth:`losses`.
 
         Args:
             net: an :class:`~hsc.model.hsc_net.HSCNet` (or anything with the same training forward).
@@ -113,14 +124,26 @@ class TrainingObjective(nn.Module):
         Returns:
             dict with the keys of :data:`LOSS_NAMES`, each a 0-dim tensor; ``loss`` carries the graph.
         """
+        img2, sal2 = self.second_view(img, saliency)
+        return self.losses(net(img), net(img2), img2, saliency, sal2, labels)
+
+    def losses(
+        self,
+        out1: Sequence[Tensor],
+        out2: Sequence[Tensor],
+        img2: Tensor,
+        saliency: Tensor | None,
+        sal2: Tensor | None,
+        labels: Tensor,
+    ) -> dict[str, Tensor]:
+        """Loss terms from the two views' network outputs (``HSCOutput`` 6-tuples) and view 2's image
+        and saliency (:meth:`second_view`); for training loops that run the views themselves (DDP)."""
         cfg = self.cfg
         n, k = labels.shape
         if k != self.num_classes:
             raise ValueError(f"labels have {k} classes, the objective was built for {self.num_classes}")
-        size = (cfg.view2_size, cfg.view2_size)
-        img2 = F.interpolate(img, size, mode="bilinear", align_corners=True)
-        pred1, cam1, _, cam_rv1, pix1, emb1 = net(img)
-        pred2, cam2, _, cam_rv2, pix2, emb2 = net(img2)
+        pred1, cam1, _, cam_rv1, pix1, emb1 = out1
+        pred2, cam2, _, cam_rv2, pix2, emb2 = out2
         label21 = torch.cat([labels, labels.new_ones(n, 1)], dim=1)[:, :, None, None]
 
         loss_cls = 0.5 * (
@@ -133,9 +156,8 @@ class TrainingObjective(nn.Module):
         zero = cam1.new_zeros(())
         loss_sal = zero
         if cfg.baseline == "eps":
-            if saliency is None:
+            if saliency is None or sal2 is None:
                 raise ValueError("the EPS baseline needs saliency maps (use baseline='seam' without them)")
-            sal2 = F.interpolate(saliency, size, mode="bilinear", align_corners=True)
             kw = {"tau": cfg.eps_tau, "alpha": cfg.eps_alpha}
             loss_sal = 0.5 * (
                 eps_saliency_loss(cam1, saliency, labels, **kw) + eps_saliency_loss(cam2, sal2, labels, **kw)
