@@ -61,6 +61,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from hsc.training.config import config_from_args
+    from hsc.training.train_hsc import train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    final = train(config_from_args(args))
+    print(f"wrote {final}")
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from hsc.training.synth import run_synth
+
+    return run_synth(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hsc",
@@ -101,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--bg-threshold", type=float, default=0.22, help="background score (default: %(default)s)")
     c.set_defaults(handler=_cmd_convert)
+
+    t = sub.add_parser(
+        "train",
+        help="step 1: train the HSC classifier on a dataset with image-level labels",
+        description="Train HSC (or its SEAM/EPS baseline) on a VOC-layout dataset or a manifest and write "
+        "RUN/final.safetensors. Defaults are the official code's; --config FILE (JSON) applies first and "
+        "the flags given override it.",
+    )
+    from hsc.training.config import add_train_arguments
+
+    add_train_arguments(t)
+    t.set_defaults(handler=_cmd_train)
+
+    data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    synth = data_sub.add_parser(
+        "synth",
+        help="write a synthetic VOC-layout dataset with known pixel truth (tests, benchmarks)",
+        description="Write a synthetic dataset in VOC layout (plus classes.txt, a manifest and imperfect "
+        "saliency maps) whose images hold the failure modes CAMs are known for. For tests and benchmarks.",
+    )
+    from hsc.training.synth import add_synth_arguments
+
+    add_synth_arguments(synth)
+    synth.set_defaults(handler=_cmd_data_synth)
 
     i = sub.add_parser(
         "info", help="print what a checkpoint holds", description="Print a checkpoint's metadata."

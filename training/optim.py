@@ -64,7 +64,7 @@ class PolySGD(torch.optim.SGD):
         return [base * g["lr_mult"] for g in self.param_groups]
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         for g, lr in zip(self.param_groups, self.current_lrs()):
             g["lr"] = lr
         loss = super().step(closure)

@@ -1,0 +1,357 @@
+"""Step 1: train the HSC classifier on image-level labels and write an hsc checkpoint.
+
+    hsc train --data DATASET --out RUN [--baseline eps|seam] [--no-hsc] [--width 0.125] ...
+
+Reads top to bottom: ``get_dataset`` -> ``build_run`` -> ``train_one_step`` (in ``train``) ->
+checkpoints. What it writes in RUN:
+
+* ``config.json`` - the settings of the run (written when it starts);
+* ``metrics.jsonl`` - one line per logged step: every loss term, the learning rate, images/s;
+* ``step_<n>.safetensors`` - periodic checkpoints (the last ``keep_checkpoints`` are kept), and
+  ``state.pt`` beside them: optimiser, data position and RNG states for an exact ``--resume``;
+* ``final.safetensors`` - the trained network with its momentum banks and metadata.
+
+A CPU run is deterministic for a seed, and ``--resume`` continues exactly: the losses of the next
+steps equal those of an uninterrupted run. Ctrl-C writes a checkpoint before leaving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hsc.model.checkpoint import load_checkpoint, load_imagenet_weights, save_checkpoint
+from hsc.model.config import ModelInfo, Normalization
+from hsc.model.hsc_net import HSCNet, build_hsc_net
+from hsc.model.losses import HSCLossConfig
+from hsc.model.losses.objective import LOSS_NAMES, ObjectiveConfig, TrainingObjective
+
+from .config import TrainConfig
+from .datasets import HSCTrainDataset, open_dataset
+from .optim import PolySGD
+
+log = logging.getLogger("hsc.train")
+
+STATE_FILE = "state.pt"
+FINAL = "final.safetensors"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return dev
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Shuffled, ``drop_last`` batches as ``(epoch, index)`` pairs, reproducible from ``(seed, epoch)``
+    and resumable from any position (the official loader reshuffles on every exhaustion)."""
+
+    def __init__(self, n: int, batch: int, seed: int, *, rank: int = 0, world: int = 1) -> None:
+        if n < batch * world:
+            raise ValueError(f"{n} training images cannot fill one batch of {batch} x {world} process(es)")
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self.epoch, self.position = 0, 0  # position = batches already taken in this epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch * self.world)
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        while True:
+            order = self._order(self.epoch)
+            span = self.batch * self.world
+            while self.position < self.batches_per_epoch:
+                start = self.position * span + self.rank * self.batch
+                self.position += 1
+                for i in order[start : start + self.batch]:
+                    yield (self.epoch, i)
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def __len__(self) -> int:  # pragma: no cover - infinite stream; DataLoader only needs it for info
+        return 2**62
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    net: HSCNet
+    objective: TrainingObjective
+    opt: PolySGD
+    dataset: Dataset[Any]
+    sampler: EpochSampler
+    class_names: tuple[str, ...]
+    step: int = 0
+
+
+def objective_config(cfg: TrainConfig) -> ObjectiveConfig:
+    """The loss settings a :class:`TrainConfig` asks for."""
+    hsc = None
+    if not cfg.no_hsc:
+        hsc = HSCLossConfig(
+            use_rsc=cfg.rsc,
+            use_csc=cfg.csc,
+            use_psc=cfg.psc,
+            cross_supervision=cfg.cross_supervision,
+            momentum_psc=cfg.momentum_prototypes,
+            crf_psc=cfg.crf_psc or cfg.crf_all,
+            crf_all=cfg.crf_all,
+            gamma=cfg.gamma,
+            bank_momentum=cfg.bank_momentum,
+            psc_topk=cfg.psc_topk,
+            rsc_norm_axis=cfg.rsc_norm_axis,
+            rsc_pull_terms=cfg.rsc_pull_terms,
+        )
+    return ObjectiveConfig(
+        baseline=cfg.baseline,
+        hsc=hsc,
+        view2_size=cfg.view2_size,
+        eps_tau=cfg.eps_tau,
+        fixed_max_onehot=cfg.fixed_max_onehot,
+    )
+
+
+def get_dataset(cfg: TrainConfig) -> tuple[HSCTrainDataset, tuple[str, ...]]:
+    index = open_dataset(cfg.data, split=cfg.split)
+    need_saliency = cfg.baseline == "eps"
+    ds = HSCTrainDataset(
+        index, crop=cfg.crop, resize_long=cfg.resize_long, seed=cfg.seed, require_saliency=need_saliency
+    )
+    return ds, tuple(index.class_names)
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    dataset, class_names = get_dataset(cfg)
+    torch.manual_seed(cfg.seed)
+    net = build_hsc_net(num_classes=len(class_names), width=cfg.width)
+    if cfg.init:
+        report = load_imagenet_weights(net, cfg.init)
+        log.info("ImageNet initialisation from %s: %s", cfg.init, report)
+    else:
+        warnings.warn(
+            "no --init: the backbone starts from random weights (the paper starts from the ImageNet "
+            "ResNet-38 file ilsvrc-cls_rna-a1_cls1000_ep-0001.params)",
+            stacklevel=2,
+        )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    objective = TrainingObjective(len(class_names), objective_config(cfg), generator=gen)
+    net.train()
+    net.to(device)
+    objective.to(device)
+    opt = PolySGD(
+        net.parameter_groups(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        max_step=cfg.poly_max_step(len(dataset)),
+        momentum=cfg.momentum,
+    )
+    sampler = EpochSampler(len(dataset), cfg.batch, cfg.seed)
+    return Run(cfg, out, device, net, objective, opt, dataset, sampler, class_names)
+
+
+def _loader(run: Run) -> DataLoader[Any]:
+    cfg = run.cfg
+    return DataLoader(
+        run.dataset,
+        batch_size=cfg.batch,
+        sampler=run.sampler,
+        num_workers=cfg.workers,
+        pin_memory=run.device.type == "cuda",
+        drop_last=True,
+        # an explicit generator: creating the loader must not draw from the global RNG (dropout's),
+        # or a resumed run would see other dropout masks than an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _model_info(run: Run) -> ModelInfo:
+    return ModelInfo(
+        net=run.net.cfg,
+        class_names=run.class_names,
+        normalization=Normalization(),
+        bg_threshold=0.22,
+        network_type="hsc_eps_seam" if run.cfg.baseline == "eps" else "hsc_seam",
+    )
+
+
+def save_run_checkpoint(run: Run, path: Path, *, with_state: bool) -> None:
+    save_checkpoint(
+        path,
+        run.net,
+        info=_model_info(run),
+        banks=run.objective.hsc.banks,
+        train_config=run.cfg.to_dict(),
+        step=run.step,
+    )
+    if with_state:
+        state = {
+            "step": run.step,
+            "checkpoint": path.name,
+            "optimizer": run.opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        tmp = run.out / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, run.out / STATE_FILE)
+
+
+def _prune(run: Run) -> None:
+    kept = sorted(run.out.glob("step_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
+    for p in kept[: max(0, len(kept) - run.cfg.keep_checkpoints)]:
+        p.unlink(missing_ok=True)
+
+
+def resume_run(run: Run) -> None:
+    state_path = run.out / STATE_FILE
+    if not state_path.is_file():
+        raise ValueError(f"--resume: {state_path} does not exist (nothing to resume in {run.out})")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    ck = load_checkpoint(run.out / state["checkpoint"])
+    if tuple(ck.info.class_names) != run.class_names or ck.info.net != run.net.cfg:
+        raise ValueError("--resume: the checkpoint's classes or network differ from this run's settings")
+    run.net.load_state_dict(ck.net.state_dict(), strict=True)
+    run.objective.hsc.banks.load_state_dict(ck.banks, strict=True)
+    run.opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.step = int(state["step"])
+    # every step consumes exactly one batch, so the data position follows from the step (the
+    # sampler itself runs ahead of the training loop when loader workers prefetch)
+    run.sampler.epoch, run.sampler.position = divmod(run.step, run.sampler.batches_per_epoch)
+    run.net.train()
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_one_step(run: Run, batch: tuple[Any, Tensor, Tensor, Tensor]) -> dict[str, float]:
+    _, img, sal, labels = batch
+    dev = run.device
+    img, sal, labels = (t.to(dev, non_blocking=True) for t in (img, sal, labels))
+    use_amp = run.cfg.amp and dev.type == "cuda"
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+        terms = run.objective(run.net, img, sal if run.cfg.baseline == "eps" else None, labels)
+    run.opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    lr = run.opt.current_lrs()[0]
+    run.opt.step()
+    run.step += 1
+    values = {k: float(terms[k].detach()) for k in LOSS_NAMES}
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(
+            f"step {run.step}: the loss is {values['loss']}; lower --lr or check the data"
+        )
+    values["lr"] = lr
+    return values
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Run (or resume) a training run; returns the path of ``final.safetensors``.
+
+    ``stop_after`` ends the run after that many steps in this call, writing a checkpoint as Ctrl-C
+    does (for tests of ``--resume``).
+    """
+    run = build_run(cfg)
+    if cfg.resume:
+        resume_run(run)
+    else:
+        (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    metrics = (run.out / "metrics.jsonl").open("a")
+    interrupted = {"flag": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted["flag"] = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
+    bar = _progress_bar(cfg.iters, run.step, progress)
+    t_last, n_last = time.perf_counter(), 0
+    steps_here = 0
+    try:
+        for batch in _loader(run):
+            if run.step >= cfg.iters:
+                break
+            values = train_one_step(run, batch)
+            steps_here += 1
+            n_last += cfg.batch
+            if run.step % cfg.log_every == 0 or run.step == cfg.iters:
+                now = time.perf_counter()
+                values["images_per_s"] = n_last / max(now - t_last, 1e-9)
+                values["step"] = run.step
+                metrics.write(json.dumps(values) + "\n")
+                metrics.flush()
+                t_last, n_last = now, 0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k.replace("loss_", ""): f"{values[k]:.3f}" for k in LOSS_NAMES})
+            stop = interrupted["flag"] or (stop_after is not None and steps_here >= stop_after)
+            if run.step % cfg.save_every == 0 or stop:
+                save_run_checkpoint(run, run.out / f"step_{run.step}.safetensors", with_state=True)
+                _prune(run)
+            if stop:
+                if interrupted["flag"]:
+                    log.warning(
+                        "interrupted: checkpoint written at step %d; continue with --resume", run.step
+                    )
+                return run.out / f"step_{run.step}.safetensors"
+            if run.step >= cfg.iters:
+                break
+    finally:
+        metrics.close()
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    final = run.out / FINAL
+    save_run_checkpoint(run, run.out / f"step_{run.step}.safetensors", with_state=True)
+    _prune(run)
+    save_run_checkpoint(run, final, with_state=False)
+    return final
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="hsc train")
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    return getattr(net, "module", net)
