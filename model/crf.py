@@ -68,8 +68,8 @@ DEEPLAB_TEST_CRF = CRFParams(1, 3, 67, 3, 4, iterations=10)
 
 
 def check_rgb_image(img: Any) -> np.ndarray:
-    """Return ``img`` as a C-contiguous ``(H, W, 3)`` uint8 RGB array (a copy only if it was not
-    contiguous), or raise ``TypeError`` (not a numpy array) / ``ValueError`` (wrong dtype or shape)."""
+    """Return ``img`` as a writeable C-contiguous ``(H, W, 3)`` uint8 RGB array (a copy only if it was
+    not), or raise ``TypeError`` (not a numpy array) / ``ValueError`` (wrong dtype or shape)."""
     if not isinstance(img, np.ndarray):
         raise TypeError(f"image must be a numpy array (H, W, 3) uint8 RGB, got {type(img).__name__}")
     if img.dtype != np.uint8:
@@ -78,7 +78,8 @@ def check_rgb_image(img: Any) -> np.ndarray:
         raise ValueError(f"image must be HWC RGB with 3 channels, got shape {tuple(img.shape)}")
     if img.shape[0] < 1 or img.shape[1] < 1:
         raise ValueError(f"image is empty: shape {tuple(img.shape)}")
-    return np.ascontiguousarray(img)
+    # pydensecrf needs a writeable C-contiguous buffer (PIL's np.asarray views are read-only)
+    return np.require(img, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
 def _run(img: np.ndarray, unary: np.ndarray, n_labels: int, params: CRFParams, iters: int) -> np.ndarray:

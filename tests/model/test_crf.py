@@ -117,6 +117,9 @@ def test_input_validation():
         crf_refine_labels(img.astype(np.float32), clean, 3)
     with pytest.raises(TypeError, match="numpy"):
         crf_refine_labels(torch.from_numpy(img), clean, 3)  # type: ignore[arg-type]
+    frozen = img.copy()
+    frozen.flags.writeable = False  # as np.asarray(PIL image) gives
+    assert np.array_equal(crf_refine_labels(frozen, clean, 3), crf_refine_labels(img, clean, 3))
     flipped = crf_refine_labels(img[:, ::-1], clean[:, ::-1], 3)  # a non-contiguous view is fine
     assert np.array_equal(flipped, crf_refine_labels(np.ascontiguousarray(img[:, ::-1]), clean[:, ::-1], 3))
     with pytest.raises(ValueError, match="HWC"):
