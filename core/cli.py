@@ -79,6 +79,18 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return run_synth(args)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from hsc.training.report import run_eval
+
+    r = run_eval(args.data, args.split, args.masks, args.cams, args.json, args.plot)
+    line = f"mIoU {r['miou']:.2f}% over {r['n_images']} images"
+    if r["mode"] == "cams":
+        line += f" at the best background threshold {r['best_threshold']:.2f}"
+    print(line)
+    print(f"wrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hsc",
@@ -144,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_synth_arguments(synth)
     synth.set_defaults(handler=_cmd_data_synth)
+
+    e = sub.add_parser(
+        "eval",
+        help="mIoU of pseudo-label masks or CAMs against the ground truth",
+        description="Score masks (PRED/masks/<id>.png) or CAMs (PRED/cams/<id>.npz) against a dataset's "
+        "ground-truth masks: mIoU over all classes (background included, ignore label 255), per-class "
+        "IoU, precision, recall, confusion matrix. For CAMs, the background-threshold sweep 0.00..0.59 "
+        "with the best threshold (the paper's 'Seed').",
+    )
+    e.add_argument("--data", required=True, help="dataset with ground-truth masks (VOC root or manifest)")
+    e.add_argument("--split", help="list to evaluate (default: the dataset's default)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--masks", help="folder of <id>.png label maps")
+    src.add_argument("--cams", help="folder of <id>.npz CAM files written by hsc infer")
+    e.add_argument("--json", required=True, help="report file (JSON with top-level 'miou')")
+    e.add_argument("--plot", help="PNG of the mIoU-vs-threshold curve (with --cams)")
+    e.set_defaults(handler=_cmd_eval)
 
     i = sub.add_parser(
         "info", help="print what a checkpoint holds", description="Print a checkpoint's metadata."
