@@ -75,7 +75,9 @@ def main() -> None:
     p.add_argument("--width", type=float, default=0.125)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+    )
     p.add_argument("--crf-alpha", type=float, default=7.0)
     p.add_argument("--crf-iters", type=int, default=8)
     args = p.parse_args()
@@ -86,7 +88,9 @@ def main() -> None:
         data = args.out / "data"
         if not (data / "classes.txt").exists():
             w, h = (int(v) for v in args.size.split("x"))
-            synthesize(data, train=args.train, val=args.val, seed=args.seed, size=(w, h), num_classes=args.classes)
+            synthesize(
+                data, train=args.train, val=args.val, seed=args.seed, size=(w, h), num_classes=args.classes
+            )
     w = int(args.size.split("x")[0])
     base = TrainConfig(
         data=str(data),

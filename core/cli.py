@@ -79,6 +79,31 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return run_synth(args)
 
 
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from hsc.training.pseudo_labels import run_infer
+
+    s = run_infer(
+        args.checkpoint,
+        args.data,
+        args.out,
+        split=args.split,
+        crf=args.crf,
+        bg_threshold=args.bg_threshold,
+        device=args.device,
+        fast=args.fast,
+        heatmaps=not args.no_heatmaps,
+        crf_workers=args.crf_workers,
+        progress=not args.quiet,
+    )
+    print(
+        f"{s['done']} done, {s['skipped_existing']} already there, {s['failed']} failed of {s['total']}; "
+        f"summary in {Path(args.out) / 'summary.json'}"
+    )
+    for f in s["failures"][:20]:
+        print(f"  failed {f['id']}: {f['error']}", file=sys.stderr)
+    return 0 if s["failed"] == 0 else 3
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from hsc.training.report import run_eval
 
@@ -156,6 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_synth_arguments(synth)
     synth.set_defaults(handler=_cmd_data_synth)
+
+    inf = sub.add_parser(
+        "infer",
+        help="pseudo-labels (masks, CAMs, heatmaps) for every image of a dataset split",
+        description="Run the multi-scale + flip CAM pipeline over a VOC list or a manifest and write "
+        "PRED/masks/<id>.png (VOC palette), PRED/cams/<id>.npz, PRED/heatmaps/<id>/<class>.jpg and "
+        "PRED/summary.json. Resumable: finished images are skipped. A bad image is reported and skipped. "
+        "Exit status 3 when some images failed.",
+    )
+    inf.add_argument("--checkpoint", required=True, help="our .safetensors checkpoint or the official .pth")
+    inf.add_argument("--data", required=True, help="dataset (VOC root or manifest) with image-level labels")
+    inf.add_argument("--out", required=True, help="output folder PRED")
+    inf.add_argument("--split", help="list to run on (VOC: ImageSets/Segmentation/<split>.txt)")
+    inf.add_argument("--crf", action="store_true", help="masks from the dense CRF (t=8, alpha=7)")
+    inf.add_argument("--bg-threshold", type=float, help="background score (default: the checkpoint's)")
+    inf.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    inf.add_argument("--fast", action="store_true", help="bf16/fp16 autocast + channels_last (not bit-exact)")
+    inf.add_argument("--no-heatmaps", action="store_true", help="do not write heatmap images")
+    inf.add_argument(
+        "--crf-workers", type=int, default=1, help="CRF processes beside the network (default: 1)"
+    )
+    inf.add_argument("--quiet", action="store_true", help="no progress bar")
+    inf.set_defaults(handler=_cmd_infer)
 
     e = sub.add_parser(
         "eval",

@@ -153,6 +153,24 @@ def normalize_image(
     return ((t / 255.0 - m) / s).to(torch.float32)
 
 
+def _upload(image: np.ndarray, device: torch.device) -> np.ndarray | Tensor:
+    """The image as it goes to :func:`normalize_image`: unchanged for the CPU; for CUDA a uint8 tensor
+    copied from pinned memory without blocking (the copy overlaps the previous pass's kernels)."""
+    if device.type != "cuda":
+        return image
+    src = torch.from_numpy(np.ascontiguousarray(image) if image.flags.writeable else image.copy())
+    return src.pin_memory().to(device, non_blocking=True)
+
+
+def _forward_cam(net: CAMModel, x: Tensor, autocast_dtype: torch.dtype | None) -> Tensor:
+    """``net.forward_cam(x)``; under ``torch.autocast(autocast_dtype)`` if given, logits back in float32."""
+    if autocast_dtype is None:
+        return net.forward_cam(x)
+    with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+        logits = net.forward_cam(x)
+    return logits.float()
+
+
 def _device_of(net: object) -> torch.device:
     if not isinstance(net, nn.Module):
         return torch.device("cpu")
@@ -177,6 +195,9 @@ def multiscale_cam(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     return_passes: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    batch_flips: bool = True,
 ) -> MultiScaleCAM:
     """The official multi-scale, flip-merged CAM of one image (algorithm.md 5.2).
 
@@ -190,6 +211,16 @@ def multiscale_cam(
         flip: also run the horizontally flipped image (as the official code does).
         mean, std: input normalisation (RGB, on [0, 1] values).
         return_passes: also return every pass's maps at (H, W) (for checks and visualisation).
+        autocast_dtype: run only ``forward_cam`` under ``torch.autocast`` with this dtype
+            (``torch.bfloat16`` on CPU; ``torch.float16``/``torch.bfloat16`` on CUDA); the logits are
+            cast back to float32 before the softmax, so softmax, resizing, sum and normalisation stay
+            float32. ``None`` (default): plain float32, the official numbers.
+        channels_last: feed the network channels_last inputs (convert the network itself with
+            ``net.to(memory_format=torch.channels_last)`` once, beforehand). Numbers may differ from
+            the default in the last bits (another convolution algorithm).
+        batch_flips: run a scale's image and its flip as one batch of two (default; faster on a
+            GPU) or one at a time, as the official code does (faster on a CPU, and half the
+            activation memory).
 
     Returns:
         :class:`MultiScaleCAM`: ``cams`` (K_present, H, W) float32 on the network's device, each class
@@ -214,9 +245,14 @@ def multiscale_cam(
     passes: list[CAMPass] = []
     with torch.inference_mode():
         for scale in scales:
-            x = normalize_image(resize_image(image, scale), mean, std, device)  # (3, h, w)
+            x = normalize_image(_upload(resize_image(image, scale), device), mean, std, device)  # (3, h, w)
             batch = torch.stack([x, x.flip(-1)]) if flip else x.unsqueeze(0)  # (n, 3, h, w)
-            logits = net.forward_cam(batch)  # (n, K+1, h', w')
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            if batch_flips or batch.shape[0] == 1:
+                logits = _forward_cam(net, batch, autocast_dtype)  # (n, K+1, h', w') float32
+            else:
+                logits = torch.cat([_forward_cam(net, b, autocast_dtype) for b in batch.split(1)])
             if logits.dim() != 4 or logits.shape[0] != batch.shape[0]:
                 raise ValueError(f"forward_cam returned shape {tuple(logits.shape)}, expected (N, K+1, h, w)")
             k = logits.shape[1] - 1
