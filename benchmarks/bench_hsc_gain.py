@@ -124,7 +124,8 @@ def main() -> None:
     print(f"{'variant':10s} {'seed mIoU':>10s} {'best t':>7s} {'+CRF mIoU':>10s} {'train s':>8s}")
     for name, r in rows.items():
         print(
-            f"{name:10s} {r['seed_miou']:10.2f} {r['best_threshold']:7.2f} {r['crf_miou']:10.2f} {r['train_s']:8.0f}"
+            f"{name:10s} {r['seed_miou']:10.2f} {r['best_threshold']:7.2f} "
+            f"{r['crf_miou']:10.2f} {r['train_s']:8.0f}"
         )
     for b in ("SEAM", "EPS"):
         if b in rows and f"{b}+HSC" in rows:
