@@ -182,11 +182,11 @@ def run_impl(impl: str, args: dict[str, Any], jpgs: list[str], out: str) -> dict
     from PIL import Image
 
     torch.set_num_threads(args["threads"])
+    from hsc.core.encoders import label_to_png
     from hsc.model.cam import cams_to_label
     from hsc.model.classes import VOC_CLASSES
     from hsc.model.config import ModelInfo
     from hsc.model.predictor import Predictor
-    from hsc.model.visualize import label_to_palette_png
 
     out_dir = Path(out) / impl
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,7 @@ def run_impl(impl: str, args: dict[str, Any], jpgs: list[str], out: str) -> dict
             pred = predictor.predict(image, names, crf=True, crf_iters=CRF_T, crf_alpha=CRF_ALPHA)
             t0 = time.perf_counter()
             assert pred.mask is not None and pred.cams is not None
-            label_to_palette_png(pred.mask).save(out_dir / f"{jpg.stem}.png")
+            (out_dir / f"{jpg.stem}.png").write_bytes(label_to_png(pred.mask))
             t_write = time.perf_counter() - t0
             t = {
                 "io": t_read + t_write,
@@ -263,7 +263,7 @@ def _child(impl: str, args: dict[str, Any], jpgs: list[str], out: str, result_pa
 def make_images(n: int, size: tuple[int, int], folder: Path) -> list[str]:
     from PIL import Image
 
-    from hsc.model.demo import generated_image
+    from hsc.training.demo import generated_image
 
     paths = []
     for i in range(n):

@@ -21,7 +21,7 @@ def _version() -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from hsc.model.demo import run_demo
+    from hsc.training.demo import run_demo
 
     summary = run_demo(
         out_dir=Path(args.out), width=args.width, size=args.size, seed=args.seed, crf=not args.no_crf

@@ -74,8 +74,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageFilter
 
+from hsc.core.encoders import label_to_png
 from hsc.model.classes import BACKGROUND, IGNORE_INDEX
-from hsc.model.visualize import label_to_palette_png
 
 F32 = NDArray[np.float32]
 RGB = tuple[float, float, float]
@@ -1181,7 +1181,7 @@ def synthesize_config(out_dir: str | os.PathLike[str], config: SynthConfig, *, f
             sid = sample_id(split, i)
             s = render_sample(config, split, i)
             _atomic_write(out / "JPEGImages" / f"{sid}.jpg", _jpeg_bytes(s.image, config.jpeg_quality))
-            _atomic_write(out / "SegmentationClass" / f"{sid}.png", _png_bytes(label_to_palette_png(s.label)))
+            _atomic_write(out / "SegmentationClass" / f"{sid}.png", label_to_png(s.label))
             _atomic_write(out / "saliency" / f"{sid}.png", _png_bytes(Image.fromarray(s.saliency, mode="L")))
             y = np.zeros(config.num_classes, dtype=np.float32)
             y[[names.index(c) for c in s.meta["labels"]]] = 1.0

@@ -20,7 +20,6 @@ from hsc.model.cam import cams_to_label, crf_from_cams, crf_to_label, multiscale
 from hsc.model.checkpoint import save_checkpoint
 from hsc.model.classes import VOC_CLASSES
 from hsc.model.config import HSCNetConfig, ModelInfo
-from hsc.model.demo import generated_image
 from hsc.model.hsc_net import HSCNet, build_hsc_net
 from hsc.model.predictor import (
     DEFAULT_OUTPUTS,
@@ -30,6 +29,7 @@ from hsc.model.predictor import (
     resolve_device,
 )
 from hsc.model.visualize import heatmap_overlay
+from hsc.training.demo import generated_image
 
 from goldenlib import assert_label_map, assert_summary, build_inputs, case, seeded_weights
 

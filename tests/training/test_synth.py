@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hsc.model.visualize import voc_palette
+from hsc.core.encoders import voc_palette
 from hsc.training.synth import (
     CLASS_DESIGNS,
     FAILURE_MODES,

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cam import cams_to_label, crf_from_cams, crf_to_label, multiscale_cam
-from .hsc_net import build_hsc_net
-from .visualize import heatmap_overlay, label_to_palette_png
+from hsc.core.encoders import label_to_png
+from hsc.model.cam import cams_to_label, crf_from_cams, crf_to_label, multiscale_cam
+from hsc.model.hsc_net import build_hsc_net
+from hsc.model.visualize import heatmap_overlay
 
 DEMO_CLASSES = ("disc", "box")
 
@@ -61,7 +62,7 @@ def run_demo(
     cams = res.cams.cpu().numpy()
     label = cams_to_label(cams, res.classes, bg_threshold=0.22)
     Image.fromarray(image).save(out_dir / "image.png")
-    label_to_palette_png(label).save(out_dir / "mask.png")
+    (out_dir / "mask.png").write_bytes(label_to_png(label))
     np.save(out_dir / "cams.npy", cams)
     files = ["image.png", "mask.png", "cams.npy"]
     for cam, c in zip(cams, res.classes):
@@ -74,7 +75,7 @@ def run_demo(
         q, keys = crf_from_cams(image, cams, res.classes, alpha=7, iters=8)
         label_crf = crf_to_label(q, keys)
         t_crf = time.perf_counter() - t0
-        label_to_palette_png(label_crf).save(out_dir / "mask_crf.png")
+        (out_dir / "mask_crf.png").write_bytes(label_to_png(label_crf))
         files.append("mask_crf.png")
     summary = {
         "smoke_run": "RANDOM WEIGHTS: this checks the installation; the mask is meaningless",
