@@ -49,6 +49,54 @@ STATE_FILE = "state.pt"
 FINAL = "final.safetensors"
 
 
+class TwoViews(nn.Module):
+    """Both views through one module call, so DistributedDataParallel sees one forward per step."""
+
+    def __init__(self, net: HSCNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, img: Tensor, img2: Tensor) -> tuple[Any, Any]:
+        return self.net(img), self.net(img2)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_setup(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the process group ``torchrun`` describes (WORLD_SIZE > 1), NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), pick_device(device_name)
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local), device
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,6 +150,8 @@ class Run:
     dataset: Dataset[Any]
     sampler: EpochSampler
     class_names: tuple[str, ...]
+    dist: Dist
+    model: nn.Module  # TwoViews(net), wrapped in DistributedDataParallel under torchrun
     step: int = 0
 
 
@@ -143,8 +193,11 @@ def get_dataset(cfg: TrainConfig) -> tuple[HSCTrainDataset, tuple[str, ...]]:
 
 def build_run(cfg: TrainConfig) -> Run:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    d, device = dist_setup(cfg.device)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.batch % d.world:
+        raise ValueError(f"--batch {cfg.batch} is not divisible by the {d.world} processes")
     dataset, class_names = get_dataset(cfg)
     torch.manual_seed(cfg.seed)
     net = build_hsc_net(num_classes=len(class_names), width=cfg.width)
@@ -157,6 +210,8 @@ def build_run(cfg: TrainConfig) -> Run:
             "ResNet-38 file ilsvrc-cls_rna-a1_cls1000_ep-0001.params)",
             stacklevel=2,
         )
+    if d.world > 1:
+        torch.manual_seed(cfg.seed * 1000 + d.rank)  # same initial weights, own dropout masks per rank
     gen = torch.Generator().manual_seed(cfg.seed)
     objective = TrainingObjective(len(class_names), objective_config(cfg), generator=gen)
     net.train()
@@ -169,15 +224,28 @@ def build_run(cfg: TrainConfig) -> Run:
         max_step=cfg.poly_max_step(len(dataset)),
         momentum=cfg.momentum,
     )
-    sampler = EpochSampler(len(dataset), cfg.batch, cfg.seed)
-    return Run(cfg, out, device, net, objective, opt, dataset, sampler, class_names)
+    per_rank = cfg.batch // d.world
+    sampler = EpochSampler(len(dataset), per_rank, cfg.seed, rank=d.rank, world=d.world)
+    model: nn.Module = TwoViews(net)
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every rank starts from the same weights (rank 0's) and keeps the banks equal (HSCLoss
+        # broadcasts them after each update); parts switched off leave parameters unused
+        model = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+        objective.hsc.banks.broadcast_(0)
+    return Run(cfg, out, device, net, objective, opt, dataset, sampler, class_names, d, model)
 
 
 def _loader(run: Run) -> DataLoader[Any]:
     cfg = run.cfg
     return DataLoader(
         run.dataset,
-        batch_size=cfg.batch,
+        batch_size=run.sampler.batch,
         sampler=run.sampler,
         num_workers=cfg.workers,
         pin_memory=run.device.type == "cuda",
@@ -202,29 +270,41 @@ def _model_info(run: Run) -> ModelInfo:
     )
 
 
+def _rng_file(run: Run) -> Path:
+    return run.out / f"rng.rank{run.dist.rank}.pt"
+
+
 def save_run_checkpoint(run: Run, path: Path, *, with_state: bool) -> None:
-    save_checkpoint(
-        path,
-        run.net,
-        info=_model_info(run),
-        banks=run.objective.hsc.banks,
-        train_config=run.cfg.to_dict(),
-        step=run.step,
-    )
+    """Rank 0 writes the checkpoint (and ``state.pt``); every rank writes its own RNG state, so a
+    resumed run draws the same dropout masks as an uninterrupted one."""
     if with_state:
-        state = {
-            "step": run.step,
-            "checkpoint": path.name,
-            "optimizer": run.opt.state_dict(),
+        rng = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        tmp = run.out / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, run.out / STATE_FILE)
+        tmp = _rng_file(run).with_suffix(".tmp")
+        torch.save(rng, tmp)
+        os.replace(tmp, _rng_file(run))
+    if run.dist.main:
+        save_checkpoint(
+            path,
+            run.net,
+            info=_model_info(run),
+            banks=run.objective.hsc.banks,
+            train_config=run.cfg.to_dict(),
+            step=run.step,
+        )
+        if with_state:
+            state = {"step": run.step, "checkpoint": path.name, "optimizer": run.opt.state_dict()}
+            tmp = run.out / (STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, run.out / STATE_FILE)
+    _barrier(run.dist)
 
 
 def _prune(run: Run) -> None:
+    if not run.dist.main:
+        return
     kept = sorted(run.out.glob("step_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
     for p in kept[: max(0, len(kept) - run.cfg.keep_checkpoints)]:
         p.unlink(missing_ok=True)
@@ -241,9 +321,11 @@ def resume_run(run: Run) -> None:
     run.net.load_state_dict(ck.net.state_dict(), strict=True)
     run.objective.hsc.banks.load_state_dict(ck.banks, strict=True)
     run.opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    if torch.cuda.is_available() and state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if _rng_file(run).is_file():
+        rng = torch.load(_rng_file(run), map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["torch_rng"])
+        if torch.cuda.is_available() and rng["cuda_rng"]:
+            torch.cuda.set_rng_state_all(rng["cuda_rng"])
     run.step = int(state["step"])
     # every step consumes exactly one batch, so the data position follows from the step (the
     # sampler itself runs ahead of the training loop when loader workers prefetch)
@@ -260,8 +342,12 @@ def train_one_step(run: Run, batch: tuple[Any, Tensor, Tensor, Tensor]) -> dict[
     dev = run.device
     img, sal, labels = (t.to(dev, non_blocking=True) for t in (img, sal, labels))
     use_amp = run.cfg.amp and dev.type == "cuda"
+    obj = run.objective
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-        terms = run.objective(run.net, img, sal if run.cfg.baseline == "eps" else None, labels)
+        saliency: Tensor | None = sal if run.cfg.baseline == "eps" else None
+        img2, sal2 = obj.second_view(img, saliency)
+        out1, out2 = run.model(img, img2)
+        terms = obj.losses(out1, out2, img2, saliency, sal2, labels)
     run.opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
     lr = run.opt.current_lrs()[0]
@@ -286,15 +372,16 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     if cfg.resume:
         resume_run(run)
     else:
-        (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    metrics = (run.out / "metrics.jsonl").open("a")
+        if run.dist.main:
+            (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    metrics = (run.out / "metrics.jsonl").open("a") if run.dist.main else open(os.devnull, "w")
     interrupted = {"flag": False}
 
     def on_sigint(signum: int, frame: Any) -> None:
         interrupted["flag"] = True
 
     previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
-    bar = _progress_bar(cfg.iters, run.step, progress)
+    bar = _progress_bar(cfg.iters, run.step, progress and run.dist.main)
     t_last, n_last = time.perf_counter(), 0
     steps_here = 0
     try:
@@ -336,6 +423,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     save_run_checkpoint(run, run.out / f"step_{run.step}.safetensors", with_state=True)
     _prune(run)
     save_run_checkpoint(run, final, with_state=False)
+    if run.dist.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return final
 
 

@@ -136,3 +136,26 @@ def test_official_poly_length_and_corrected_forms():
     assert cfg.poly_max_step(10582) == 13215  # (10582 // 12) * 15
     assert replace(cfg, poly_over_run=True).poly_max_step(10582) == 20000
     assert replace(cfg, max_step=5).poly_max_step(10582) == 5
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(mini, tmp_path):
+    """DistributedDataParallel over 2 CPU processes (gloo), launched as a user would with torchrun."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "hsc.core.cli", "train", "--data", str(mini), "--out", str(out), "--width", "0.125",
+        "--iters", "3", "--batch", "4", "--crop", "64", "--resize-long", "64", "96", "--workers", "0",
+        "--log-every", "1", "--save-every", "2", "--device", "cpu",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = load_checkpoint(out / "final.safetensors")
+    assert ck.step == 3 and len(ck.banks) == 6
+    assert [x["step"] for x in _metrics(out)] == [1, 2, 3]  # rank 0 alone writes the metrics
+    assert (out / "rng.rank0.pt").is_file() and (out / "rng.rank1.pt").is_file()
