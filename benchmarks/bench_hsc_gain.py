@@ -107,6 +107,7 @@ def main() -> None:
         save_every=10**9,
         poly_over_run=True,
         momentum=0.9,
+        freeze_bn=False,  # from scratch: no ImageNet statistics for the frozen-BN regime to rely on
     )
     scales = (0.5, 1.0, 1.5, 2.0) if w >= 96 else (1.0, 1.5, 2.0)
     rows = {}

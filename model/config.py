@@ -24,6 +24,10 @@ class HSCNetConfig:
         pixel_dim: size of the pixel-level embedding (``proj_fc``, the paper's F_proj2).
         roi_dim: size of the ROI/class-level embedding (``extra_F``, the paper's F_proj1).
         dropout: keep the Dropout2d of the b6/b7 bottlenecks (0.3/0.5) active in training mode.
+        freeze_bn: the official regime: every BatchNorm always uses its running statistics (which
+            never change). ``False`` lets BatchNorm normalise with batch statistics in training mode
+            (affine parameters stay fixed) - for training from scratch, without the ImageNet weights
+            whose statistics the frozen regime relies on.
     """
 
     num_classes: int = 20
@@ -31,6 +35,7 @@ class HSCNetConfig:
     pixel_dim: int = 128
     roi_dim: int = 256
     dropout: bool = True
+    freeze_bn: bool = True
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:

@@ -64,7 +64,7 @@ class HSCNet(ResNet38d):
 
     def __init__(self, cfg: HSCNetConfig | None = None) -> None:
         cfg = cfg or HSCNetConfig()
-        super().__init__(width=cfg.width, dropout=cfg.dropout)
+        super().__init__(width=cfg.width, dropout=cfg.dropout, freeze_bn=cfg.freeze_bn)
         self.cfg = cfg
         ch = self.feature_channels
         self.fc8 = nn.Conv2d(ch["conv6"], cfg.num_classes + 1, 1, bias=False)

@@ -94,8 +94,9 @@ class ResNet38d(nn.Module):
     ``w`` is the width multiplier. Feature size per side is ``ceil(ceil(ceil(L/2)/2)/2)``.
     """
 
-    def __init__(self, *, width: float = 1.0, dropout: bool = True) -> None:
+    def __init__(self, *, width: float = 1.0, dropout: bool = True, freeze_bn: bool = True) -> None:
         super().__init__()
+        self.freeze_bn = freeze_bn
         c = [scaled(v, width) for v in (64, 128, 256, 512, 1024, 2048, 4096)]
         c64, c128, c256, c512, c1024, c2048, c4096 = c
         self.width = width
@@ -153,13 +154,14 @@ class ResNet38d(nn.Module):
     def train(self, mode: bool = True) -> ResNet38d:
         """The official regime: conv1a/b2* never train; every BatchNorm always runs in eval mode
         with frozen affine parameters (running statistics are never updated); dropout follows
-        ``mode``."""
+        ``mode``. With ``freeze_bn=False`` BatchNorm follows ``mode`` too (affine still frozen)."""
         super().train(mode)
         for p in self.frozen_parameters():
             p.requires_grad_(False)
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+                if self.freeze_bn:
+                    m.eval()
                 if m.weight is not None:
                     m.weight.requires_grad_(False)
                 if m.bias is not None:

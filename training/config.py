@@ -45,6 +45,7 @@ class TrainConfig:
     gamma: float = 0.1
     # network and optimisation
     width: float = 1.0
+    freeze_bn: bool = True
     iters: int = 20000
     batch: int = 12
     crop: int = 448
@@ -121,6 +122,8 @@ HELP: dict[str, str] = {
     "eps_tau": "EPS saliency-loss IoU threshold",
     "gamma": "weight of each HSC loss (paper eq. 1)",
     "width": "ResNet-38d width multiplier (1.0 = the released network; 0.125 for CPU runs)",
+    "freeze_bn": "the official frozen-BatchNorm regime; --no-freeze-bn normalises with batch statistics, "
+    "for training from scratch without --init",
     "iters": "optimiser steps (the official run: 20000)",
     "batch": "images per step",
     "crop": "training crop side",

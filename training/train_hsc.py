@@ -200,14 +200,15 @@ def build_run(cfg: TrainConfig) -> Run:
         raise ValueError(f"--batch {cfg.batch} is not divisible by the {d.world} processes")
     dataset, class_names = get_dataset(cfg)
     torch.manual_seed(cfg.seed)
-    net = build_hsc_net(num_classes=len(class_names), width=cfg.width)
+    net = build_hsc_net(num_classes=len(class_names), width=cfg.width, freeze_bn=cfg.freeze_bn)
     if cfg.init:
         report = load_imagenet_weights(net, cfg.init)
         log.info("ImageNet initialisation from %s: %s", cfg.init, report)
     else:
         warnings.warn(
             "no --init: the backbone starts from random weights (the paper starts from the ImageNet "
-            "ResNet-38 file ilsvrc-cls_rna-a1_cls1000_ep-0001.params)",
+            "ResNet-38 file ilsvrc-cls_rna-a1_cls1000_ep-0001.params); from scratch, --no-freeze-bn "
+            "lets BatchNorm normalise",
             stacklevel=2,
         )
     if d.world > 1:

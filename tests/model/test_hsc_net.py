@@ -212,3 +212,13 @@ def test_pcm_seed_rule():
 
 def test_sha_helper_is_stable():
     assert sha256_of(torch.zeros(2)) == sha256_of(torch.zeros(2))
+
+
+def test_freeze_bn_off_normalises_with_batch_statistics():
+    net = build_hsc_net(num_classes=2, width=0.125, freeze_bn=False).train()
+    before = net.bn7.running_mean.clone()
+    net(torch.randn(2, 3, 32, 32) * 3 + 1)
+    assert net.bn7.training and not torch.equal(before, net.bn7.running_mean)
+    assert not net.bn7.weight.requires_grad  # affine parameters stay fixed
+    net.eval()
+    assert not net.bn7.training
