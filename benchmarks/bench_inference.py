@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import pickle
 import platform
 import resource
 import sys
@@ -251,9 +250,12 @@ def run_impl(impl: str, args: dict[str, Any], jpgs: list[str], out: str) -> dict
 
 
 def _child(impl: str, args: dict[str, Any], jpgs: list[str], out: str, result_path: str) -> None:
+    import torch
+
     res = run_impl(impl, args, jpgs, out)
-    with open(result_path, "wb") as f:
-        pickle.dump(res, f)
+    # arrays travel as tensors, so the parent reads them back with torch.load(weights_only=True)
+    res["results"] = [tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in r) for r in res["results"]]
+    torch.save(res, result_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,8 +326,8 @@ def main(argv: list[str] | None = None) -> None:
                 p.join()
                 if p.exitcode != 0:
                     raise SystemExit(f"{impl}: the benchmark process failed (exit code {p.exitcode})")
-                with open(rp, "rb") as f:
-                    res = pickle.load(f)
+                res = torch.load(rp, weights_only=True)
+                res["results"] = [tuple(t.numpy() for t in r) for r in res["results"]]
                 t = float(np.mean([r["total"] for r in res["rows"]]))
                 print(
                     f"  round {rnd + 1}, {impl}: {t:.2f} s/image (warm-up {res['warmup_s']:.1f} s), "
