@@ -159,3 +159,36 @@ def test_torchrun_two_processes_on_cpu(mini, tmp_path):
     assert ck.step == 3 and len(ck.banks) == 6
     assert [x["step"] for x in _metrics(out)] == [1, 2, 3]  # rank 0 alone writes the metrics
     assert (out / "rng.rank0.pt").is_file() and (out / "rng.rank1.pt").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(mini, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [
+        "--data", str(mini), "--out", str(out), "--width", "0.125", "--iters", "400", "--batch", "2",
+        "--crop", "64", "--resize-long", "64", "96", "--workers", "0", "--log-every", "1",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.Popen([sys.executable, "-m", "hsc.core.cli", "train", *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-2000:]
+    ckpts = list(out.glob("step_*.safetensors"))
+    assert len(ckpts) == 1 and (out / "state.pt").is_file(), stderr[-2000:]
+    step = load_checkpoint(ckpts[0]).step
+    assert 2 <= step < 400
+    cfg = TrainConfig(**{**_cfg(mini, out).to_dict(), "iters": step + 2, "batch": 2, "resume": True,
+                         "resize_long": (64, 96)})  # fmt: skip
+    train(cfg, progress=False)
+    assert load_checkpoint(out / "final.safetensors").step == step + 2
