@@ -149,10 +149,6 @@ class HSCNet(ResNet38d):
         return groups
 
 
-LR_MULTIPLIERS = (1.0, 2.0, 10.0, 20.0)
-WEIGHT_DECAY_GROUPS = (True, False, True, False)
-
-
 def build_hsc_net(num_classes: int = 20, width: float = 1.0, **kw: object) -> HSCNet:
     """Build an HSC network (``width=0.125`` for tests and CPU demos)."""
     return HSCNet(HSCNetConfig(num_classes=num_classes, width=width, **kw))  # type: ignore[arg-type]

@@ -8,7 +8,6 @@ See ../shared/docs/algorithm.md section 1.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -174,8 +173,3 @@ def feature_size(length: int) -> int:
     for _ in range(3):
         length = (length + 1) // 2
     return length
-
-
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """Convert a module's 4-D parameters to channels_last memory format (faster convs on CPU/GPU)."""
-    return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -443,7 +443,3 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="hsc train")
-
-
-def unwrap(net: nn.Module) -> nn.Module:
-    return getattr(net, "module", net)

@@ -10,7 +10,7 @@ import torch
 from hsc.model.hsc_net import HSCNet, build_hsc_net, pcm_seed
 from hsc.model.resnet38d import feature_size
 
-from goldenlib import assert_summary, build_inputs, case, golden, golden_path, seeded_weights, sha256_of
+from goldenlib import assert_summary, build_inputs, case, golden, golden_path, seeded_weights
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,10 +208,6 @@ def test_pcm_seed_rule():
     assert torch.allclose(z[0, 0, 0], torch.tensor([(2 - 1e-5) / (2 + 1e-5), 0.0]), atol=1e-6)
     assert z[0, 1, 0, 0] == 0 and torch.isclose(z[0, 1, 0, 1], torch.tensor((3 - 1e-5) / (3 + 1e-5)))
     assert torch.allclose(z[0, 2, 0], 1 - z[0, :2, 0].amax(0))
-
-
-def test_sha_helper_is_stable():
-    assert sha256_of(torch.zeros(2)) == sha256_of(torch.zeros(2))
 
 
 def test_freeze_bn_off_normalises_with_batch_statistics():
