@@ -27,6 +27,7 @@ from hsc.training.evaluate import ConfusionMatrix, ThresholdSweep, read_label_pn
 from hsc.training.synth import synthesize
 from hsc.training.train_hsc import train
 
+WIDE_THRESHOLDS = tuple(i / 100 for i in range(96))
 VARIANTS = {
     "SEAM": {"baseline": "seam", "no_hsc": True},
     "SEAM+HSC": {"baseline": "seam"},
@@ -40,7 +41,9 @@ def evaluate(final: Path, data: Path, *, crf_alpha: float, crf_iters: int, scale
     net = ck.net.eval()
     index = open_dataset(data, split="val")
     k = len(index.classes)
-    sweep = ThresholdSweep(num_classes=k + 1, class_names=("background", *index.classes))
+    # the official sweep is t = 0.00..0.59; diffuse CAMs can peak above it, so sweep up to 0.95 and
+    # report both maxima
+    sweep = ThresholdSweep(WIDE_THRESHOLDS, num_classes=k + 1, class_names=("background", *index.classes))
     crf_cm = ConfusionMatrix(k + 1, class_names=("background", *index.classes))
     t0 = time.perf_counter()
     for item in index:
@@ -52,9 +55,13 @@ def evaluate(final: Path, data: Path, *, crf_alpha: float, crf_iters: int, scale
         q, keys = crf_from_cams(image, cams, res.classes, alpha=crf_alpha, iters=crf_iters)
         crf_cm.update(gt, crf_to_label(q, keys))
     s = sweep.result()
+    official = [(r.miou, t) for t, r in zip(s.thresholds, s.results) if t <= 0.595]
+    best_official = max(official, key=lambda mt: mt[0])
     return {
-        "seed_miou": s.best_miou,
-        "best_threshold": s.best_threshold,
+        "seed_miou": best_official[0],
+        "best_threshold": best_official[1],
+        "seed_miou_wide": s.best_miou,
+        "best_threshold_wide": s.best_threshold,
         "crf_miou": crf_cm.result().miou,
         "eval_s": time.perf_counter() - t0,
     }
@@ -122,11 +129,14 @@ def main() -> None:
         rows[name]["train_s"] = train_s
         print(name, json.dumps(rows[name]), flush=True)
     print()
-    print(f"{'variant':10s} {'seed mIoU':>10s} {'best t':>7s} {'+CRF mIoU':>10s} {'train s':>8s}")
+    print(
+        f"{'variant':10s} {'seed mIoU':>10s} {'best t':>7s} {'seed(0-.95)':>11s} {'best t':>7s} "
+        f"{'+CRF mIoU':>10s} {'train s':>8s}"
+    )
     for name, r in rows.items():
         print(
-            f"{name:10s} {r['seed_miou']:10.2f} {r['best_threshold']:7.2f} "
-            f"{r['crf_miou']:10.2f} {r['train_s']:8.0f}"
+            f"{name:10s} {r['seed_miou']:10.2f} {r['best_threshold']:7.2f} {r['seed_miou_wide']:11.2f} "
+            f"{r['best_threshold_wide']:7.2f} {r['crf_miou']:10.2f} {r['train_s']:8.0f}"
         )
     for b in ("SEAM", "EPS"):
         if b in rows and f"{b}+HSC" in rows:

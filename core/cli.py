@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -114,6 +115,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(line)
     print(f"wrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
     return 0
+
+
+def _settings_from(args: argparse.Namespace, fields: Sequence[str]) -> Any:
+    """Settings from the environment (``HSC_*``), with the flags that were given on top."""
+    from hsc.core.settings import Settings
+
+    overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) not in (None, [])}
+    return Settings(**overrides)
+
+
+SERVE_FIELDS = ("host", "port", "checkpoints", "redis_url", "results_dir", "device", "embedded_workers")
+WORKER_FIELDS = (
+    "checkpoints",
+    "redis_url",
+    "results_dir",
+    "device",
+    "worker_concurrency",
+    "worker_pool",
+    "queue",
+)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from hsc.service.main import run_server
+
+    settings = _settings_from(args, SERVE_FIELDS)
+    if args.fast:
+        settings = settings.model_copy(update={"mode": "fast"})
+    return run_server(settings)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings_from(args, WORKER_FIELDS)
+    if args.fast:
+        settings = settings.model_copy(update={"mode": "fast"})
+    if not settings.redis_url:
+        raise ValueError("a worker needs a broker: set HSC_REDIS_URL or pass --redis-url redis://HOST:6379/0")
+    from hsc.worker.main import run_worker
+
+    return run_worker(settings, hostname=args.hostname)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +268,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("checkpoint", help="our .safetensors checkpoint or an official .pth")
     i.set_defaults(handler=_cmd_info)
+
+    sv = sub.add_parser(
+        "serve",
+        help="serve pseudo-labels over HTTP (embedded pool, or Celery workers when a broker is set)",
+        description="Start the REST API (OpenAPI at /docs). Without a broker (HSC_REDIS_URL / --redis-url) "
+        "the model runs in a local process pool and job records live under the results folder; with one, "
+        "`hsc worker` processes do the work. Every option also reads its HSC_* environment variable "
+        "(README 'Settings'); flags win.",
+    )
+    sv.add_argument("--host", help="listen address (HSC_HOST, default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="listen port (HSC_PORT, default 8000)")
+    sv.add_argument(
+        "--workers", dest="embedded_workers", type=int, help="embedded pool processes (HSC_EMBEDDED_WORKERS)"
+    )
+    w = sub.add_parser(
+        "worker",
+        help="run a Celery worker that computes pseudo-labels for the API (needs Redis)",
+        description="Start a Celery worker on the broker HSC_REDIS_URL: it loads the checkpoints once, "
+        "announces them to the API, and runs single-image and job-chunk tasks. On CUDA keep the solo pool "
+        "and run one worker per GPU (CUDA_VISIBLE_DEVICES).",
+    )
+    w.add_argument("--concurrency", dest="worker_concurrency", type=int, help="HSC_WORKER_CONCURRENCY")
+    w.add_argument(
+        "--pool", dest="worker_pool", choices=("solo", "prefork", "threads"), help="HSC_WORKER_POOL"
+    )
+    w.add_argument("--queue", help="queue to read (HSC_QUEUE, default hsc)")
+    w.add_argument("--hostname", help="Celery node name (default: hsc@<host>-<pid>)")
+    for sp in (sv, w):
+        sp.add_argument(
+            "--checkpoint",
+            dest="checkpoints",
+            action="append",
+            help="checkpoint to serve (repeatable; HSC_CHECKPOINTS; default: the shipped demo checkpoint)",
+        )
+        sp.add_argument("--redis-url", help="broker and job records, e.g. redis://localhost:6379/0")
+        sp.add_argument("--results-dir", help="job outputs and embedded job records (HSC_RESULTS_DIR)")
+        sp.add_argument("--device", help="auto, cpu, cuda or cuda:N (HSC_DEVICE)")
+        sp.add_argument("--fast", action="store_true", help="bf16/fp16 autocast (HSC_MODE=fast)")
+    sv.set_defaults(handler=_cmd_serve)
+    w.set_defaults(handler=_cmd_worker)
     return p
 
 
