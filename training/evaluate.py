@@ -32,8 +32,8 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from PIL import Image
 
+from hsc.core.datasets import read_label_png  # moved to core; re-exported here
 from hsc.model.classes import IGNORE_INDEX, VOC_LABEL_NAMES
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(i / 100 for i in range(60))
@@ -392,12 +392,6 @@ def threshold_sweep(
 
 # --------------------------------------------------------------------------------------------------
 # files
-
-
-def read_label_png(path: str | os.PathLike[str]) -> NDArray[np.integer]:
-    """Label values as stored: palette indices of a P-mode PNG, grey values of an L-mode PNG."""
-    with Image.open(path) as im:
-        return np.array(im)
 
 
 def load_cam_npy(path: str | os.PathLike[str]) -> dict[int, NDArray]:

@@ -50,3 +50,11 @@ def test_worker_without_a_broker_says_how_to_set_one(monkeypatch, capsys):
     monkeypatch.delenv("HSC_REDIS_URL", raising=False)
     assert main(["worker"]) == 1
     assert "HSC_REDIS_URL" in capsys.readouterr().err
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [f"HSC_{name.upper()}" for name in Settings.model_fields if f"HSC_{name.upper()}" not in readme]
+    assert not missing, f"README 'Settings' lacks {missing}"

@@ -1,0 +1,225 @@
+"""Request options shared by ``POST /pseudo-label`` and ``POST /jobs``: parsing and validation.
+
+Labels are class names (case-insensitive) or integer indices in the VOC label space of the model's
+``classes`` (``1..K`` foreground; ``background``/``0`` is implicit and ignored); they become the
+**channel indices** (``label - 1``) the worker takes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+from hsc.core.results import parse_outputs
+from hsc.core.settings import Settings
+
+from .errors import Problem
+
+__all__ = [
+    "OPTION_FIELDS",
+    "Options",
+    "parse_bool",
+    "parse_options",
+    "default_model_id",
+    "resolve_labels",
+    "resolve_model",
+    "split_labels",
+]
+
+_TRUE = {"1", "true", "yes", "on", "t", "y"}
+_FALSE = {"0", "false", "no", "off", "f", "n"}
+OPTION_FIELDS = ("model", "crf", "bg_threshold", "outputs")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a request asks beyond the image and its labels."""
+
+    model: str | None = None
+    crf: bool = True
+    bg_threshold: float | None = None
+    outputs: tuple[str, ...] = ("mask",)
+
+    def as_dict(self, model_id: str) -> dict[str, Any]:
+        return {
+            "model": model_id,
+            "crf": self.crf,
+            "bg_threshold": self.bg_threshold,
+            "outputs": list(self.outputs),
+        }
+
+
+def parse_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise Problem("invalid_option", f"{name} must be true or false, got {value!r}", extra={"field": name})
+
+
+def _threshold(value: Any) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip() in ("", "null", "none", "default")):
+        return None
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not 0.0 <= t <= 1.0:
+        raise Problem(
+            "invalid_option",
+            f"bg_threshold must be a number in [0, 1] (or empty for the model's), got {value!r}",
+            extra={"field": "bg_threshold"},
+        )
+    return t
+
+
+def _outputs(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = _json_list(value, "outputs")
+    try:
+        return tuple(sorted(parse_outputs(value)))
+    except ValueError as e:
+        raise Problem("invalid_option", str(e), extra={"field": "outputs"}) from None
+
+
+def _json_list(text: str, name: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise Problem("bad_request", f"{name}: not valid JSON: {text[:80]!r}") from None
+    if not isinstance(value, list):
+        raise Problem("invalid_option", f"{name} must be a list", extra={"field": name})
+    return value
+
+
+def parse_options(fields: Mapping[str, Any], *, strict: bool = False) -> Options:
+    """Options from form fields or a JSON object; ``strict`` refuses unknown keys (job ``options``)."""
+    if strict:
+        unknown = sorted(set(fields) - set(OPTION_FIELDS))
+        if unknown:
+            raise Problem(
+                "invalid_option",
+                f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(OPTION_FIELDS)}",
+                extra={"field": unknown[0]},
+            )
+    model = fields.get("model")
+    if model is not None and not isinstance(model, str):
+        raise Problem("invalid_option", "model must be a model id string", extra={"field": "model"})
+    crf = fields.get("crf")
+    return Options(
+        model=(model or "").strip() or None,
+        crf=True if crf is None or crf == "" else parse_bool(crf, "crf"),
+        bg_threshold=_threshold(fields.get("bg_threshold")),
+        outputs=_outputs(fields.get("outputs")),
+    )
+
+
+def split_labels(values: Iterable[Any]) -> list[str | int]:
+    """The labels as given: repeated fields, comma strings, JSON lists, names or integers."""
+    out: list[str | int] = []
+    for value in values:
+        if isinstance(value, bool):
+            raise Problem(
+                "invalid_option",
+                f"label {value!r} is neither a class name nor an index",
+                extra={"field": "labels"},
+            )
+        if isinstance(value, int):
+            out.append(value)
+        elif isinstance(value, (list, tuple)):
+            out.extend(split_labels(value))
+        elif isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                out.extend(split_labels(_json_list(text, "labels")))
+                continue
+            for part in text.split(","):
+                part = part.strip()
+                if part:
+                    out.append(int(part) if part.lstrip("-").isdigit() else part)
+        elif isinstance(value, float) and value.is_integer():
+            out.append(int(value))
+        else:
+            raise Problem(
+                "invalid_option",
+                f"label {value!r} is neither a class name nor an index",
+                extra={"field": "labels"},
+            )
+    return out
+
+
+def default_model_id(settings: Settings) -> str | None:
+    """The model a request without ``model`` gets: ``settings.default_model``, else the first of
+    ``settings.checkpoints`` (model id = file stem), as the workers choose."""
+    if settings.default_model:
+        return settings.default_model
+    return PurePath(settings.checkpoints[0]).stem if settings.checkpoints else None
+
+
+def resolve_model(
+    cards: Sequence[Mapping[str, Any]], wanted: str | None, default: str | None
+) -> dict[str, Any]:
+    """The card of ``wanted`` (``id`` or ``id@<sha256 prefix>``), else of ``default``, else the first."""
+    by_id = {str(c["id"]): dict(c) for c in cards}
+    name = wanted or default
+    if name is None:
+        return dict(cards[0])
+    mid, _, version = name.partition("@")
+    card = by_id.get(mid)
+    if card is None and wanted is None:
+        return dict(cards[0])  # the configured default is not loaded: any model answers
+    if card is None or (version and not str(card.get("sha256", "")).startswith(version.lower())):
+        raise Problem(
+            "not_found",
+            f"model {name!r} is not loaded; loaded: {', '.join(sorted(by_id))}",
+            extra={"valid_models": sorted(by_id)},
+        )
+    return card
+
+
+def resolve_labels(card: Mapping[str, Any], labels: Sequence[str | int]) -> tuple[int, ...]:
+    """Channel indices (sorted, unique) of ``labels`` in the model ``card``; background dropped.
+
+    Raises 422 ``unknown_class`` (with ``valid_classes``) or ``no_labels``.
+    """
+    classes = [str(c) for c in card["classes"]]
+    lower = {c.lower(): i for i, c in enumerate(classes)}
+    valid = classes[1:]
+    channels: set[int] = set()
+    unknown: list[str] = []
+    for label in labels:
+        if isinstance(label, int):
+            if label == 0:
+                continue
+            if 1 <= label < len(classes):
+                channels.add(label - 1)
+            else:
+                unknown.append(str(label))
+            continue
+        idx = lower.get(label.strip().lower())
+        if idx is None:
+            unknown.append(label)
+        elif idx > 0:
+            channels.add(idx - 1)
+    if unknown:
+        raise Problem(
+            "unknown_class",
+            f"unknown class(es) {', '.join(map(repr, unknown))} for model "
+            f"{card['id']!r}; use names (any case) or indices 1..{len(valid)}",
+            extra={"valid_classes": valid, "unknown": unknown},
+        )
+    if not channels:
+        raise Problem(
+            "no_labels",
+            "no foreground labels: give the image-level labels of the image (background is implicit)",
+            extra={"valid_classes": valid},
+        )
+    return tuple(sorted(channels))
