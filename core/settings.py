@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DEMO_CHECKPOINT", "Settings", "get_settings"]
@@ -38,7 +38,7 @@ def _split_list(value: object) -> object:
 class Settings(BaseSettings):
     """What an operator sets. Read once per process (:func:`get_settings`)."""
 
-    model_config = SettingsConfigDict(env_prefix="HSC_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="HSC_", extra="ignore", frozen=True, populate_by_name=True)
 
     # --- where things are
     redis_url: str | None = Field(
@@ -89,6 +89,19 @@ class Settings(BaseSettings):
     task_time_limit_s: float = Field(default=2100.0, gt=0)
     heartbeat_s: float = Field(default=5.0, gt=0, description="worker heartbeat into Redis")
     log_level: str = "info"
+    # --- Label Studio ML backend (/integrations/label-studio)
+    ls_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("HSC_LS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
+        description="Label Studio base URL, for relative /data/... image links and presigned storage",
+    )
+    ls_api_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("HSC_LS_API_KEY", "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
+        description="sent as 'Authorization: Token ...' to that host only",
+    )
+    ls_labels_field: str = Field(default="labels", description="task data field with the image-level labels")
+    ls_predict_budget_s: float = Field(default=80.0, gt=0, description="time budget of one /predict call")
 
     @field_validator("checkpoints", "allowed_roots", "api_keys", mode="before")
     @classmethod

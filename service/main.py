@@ -21,7 +21,7 @@ from hsc.core.settings import Settings, get_settings
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
-from .routes import health, jobs, pseudo_label
+from .routes import health, jobs, labelstudio, pseudo_label
 from .runner import Runner, make_runner
 
 __all__ = ["app_factory", "create_app", "run_server"]
@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(pseudo_label.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(labelstudio.router)
     return app
 
 

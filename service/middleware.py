@@ -3,6 +3,8 @@
 - Every response carries ``X-Request-ID`` (the id problem bodies and logs quote).
 - With ``settings.api_keys`` set, every path but ``/healthz`` needs ``X-API-Key: <key>`` or
   ``Authorization: Bearer <key>``; otherwise 401 ``unauthenticated`` with ``WWW-Authenticate: Bearer``.
+  The Label Studio routes (:data:`BASIC_AUTH_PREFIX`, and ``/health``) also take HTTP Basic, the only
+  auth Label Studio sends to an ML backend: any user name, the key as the password.
 - A body larger than ``settings.max_upload_bytes`` (plus room for the form fields) is refused with
   413 ``too_large``: from ``Content-Length`` before reading, or while a chunked body streams in.
 - ``hsc_http_requests_total{route,code}`` and ``hsc_http_request_seconds{route}`` by route template.
@@ -10,6 +12,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import time
 import uuid
@@ -24,10 +28,20 @@ from hsc.core.settings import Settings
 from .errors import Problem, problem_response
 from .metrics import Metrics
 
-__all__ = ["FORM_SLACK_BYTES", "OPEN_PATHS", "ServiceMiddleware", "new_request_id"]
+__all__ = [
+    "BASIC_AUTH_PATHS",
+    "BASIC_AUTH_PREFIX",
+    "FORM_SLACK_BYTES",
+    "OPEN_PATHS",
+    "ServiceMiddleware",
+    "new_request_id",
+]
 
 #: Paths that answer without an API key.
 OPEN_PATHS = frozenset({"/healthz"})
+#: Paths where ``Authorization: Basic <user:key>`` is accepted too (Label Studio's ML-backend calls).
+BASIC_AUTH_PREFIX = "/integrations/label-studio"
+BASIC_AUTH_PATHS = frozenset({"/health"})
 #: Room for the multipart framing and the small fields beside the file.
 FORM_SLACK_BYTES = 1024 * 1024
 
@@ -36,7 +50,20 @@ def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex[:24]
 
 
-def _key_of(headers: Headers) -> str | None:
+def _basic_allowed(path: str) -> bool:
+    return path in BASIC_AUTH_PATHS or path == BASIC_AUTH_PREFIX or path.startswith(BASIC_AUTH_PREFIX + "/")
+
+
+def _basic_password(value: str) -> str | None:
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    _, sep, password = decoded.partition(":")
+    return password if sep and password else None
+
+
+def _key_of(headers: Headers, *, basic: bool = False) -> str | None:
     key = headers.get("x-api-key")
     if key:
         return key.strip()
@@ -44,6 +71,8 @@ def _key_of(headers: Headers) -> str | None:
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
+    if basic and scheme.lower() == "basic":
+        return _basic_password(value)
     return None
 
 
@@ -54,10 +83,10 @@ class ServiceMiddleware:
         self.max_body = settings.max_upload_bytes + FORM_SLACK_BYTES
         self.metrics = metrics
 
-    def authorised(self, headers: Headers) -> bool:
+    def authorised(self, headers: Headers, path: str = "") -> bool:
         if not self.keys:
             return True
-        key = _key_of(headers)
+        key = _key_of(headers, basic=_basic_allowed(path))
         if key is None:
             return False
         given = key.encode()
@@ -84,15 +113,22 @@ class ServiceMiddleware:
 
         try:
             headers = Headers(scope=scope)
-            if scope["path"] not in OPEN_PATHS and not self.authorised(headers):
+            path = scope["path"]
+            if path not in OPEN_PATHS and not self.authorised(headers, path):
+                basic = _basic_allowed(path)
                 await self._refuse(
                     scope,
                     receive,
                     send_with_id,
                     401,
                     "unauthenticated",
-                    "an API key is required: send X-API-Key: <key> or Authorization: Bearer <key>",
-                    {"WWW-Authenticate": 'Bearer realm="hsc"'},
+                    "an API key is required: send X-API-Key: <key> or Authorization: Bearer <key>"
+                    + (" (or HTTP Basic with the key as the password)" if basic else ""),
+                    {
+                        "WWW-Authenticate": 'Bearer realm="hsc", Basic realm="hsc"'
+                        if basic
+                        else 'Bearer realm="hsc"'
+                    },
                 )
                 return
             length = headers.get("content-length")
