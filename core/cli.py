@@ -125,7 +125,16 @@ def _settings_from(args: argparse.Namespace, fields: Sequence[str]) -> Any:
     return Settings(**overrides)
 
 
-SERVE_FIELDS = ("host", "port", "checkpoints", "redis_url", "results_dir", "device", "embedded_workers")
+SERVE_FIELDS = (
+    "host",
+    "port",
+    "checkpoints",
+    "redis_url",
+    "results_dir",
+    "device",
+    "embedded_workers",
+    "torch_threads",
+)
 WORKER_FIELDS = (
     "checkpoints",
     "redis_url",
@@ -134,7 +143,9 @@ WORKER_FIELDS = (
     "worker_concurrency",
     "worker_pool",
     "queue",
+    "torch_threads",
 )
+GATEWAY_FIELDS = tuple(f for f in SERVE_FIELDS if f != "port")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -144,6 +155,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.fast:
         settings = settings.model_copy(update={"mode": "fast"})
     return run_server(settings)
+
+
+def _cmd_cvat_gateway(args: argparse.Namespace) -> int:
+    from hsc.service.cvat import run_cvat_gateway
+
+    settings = _settings_from(args, GATEWAY_FIELDS)
+    if args.fast:
+        settings = settings.model_copy(update={"mode": "fast"})
+    return run_cvat_gateway(settings, host=args.host, port=args.port)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -294,8 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool", dest="worker_pool", choices=("solo", "prefork", "threads"), help="HSC_WORKER_POOL"
     )
     w.add_argument("--queue", help="queue to read (HSC_QUEUE, default hsc)")
-    w.add_argument("--hostname", help="Celery node name (default: hsc@<host>-<pid>)")
-    for sp in (sv, w):
+    w.add_argument("--hostname", help="Celery node name (default: hsc@<this host's name>)")
+    cg = sub.add_parser(
+        "cvat-gateway",
+        help="serve the models to CVAT as serverless detector functions (no Nuclio needed)",
+        description="Answer the part of the Nuclio API that CVAT's lambda manager uses, so that CVAT's "
+        "'Automatic annotation' runs hsc models; each frame gets labels=auto (the model's classifier picks "
+        "the classes). On CVAT's side: CVAT_SERVERLESS=1, CVAT_NUCLIO_HOST=<this host>, "
+        "CVAT_NUCLIO_PORT=<--port>, a CVAT_NUCLIO_DEFAULT_TIMEOUT above one frame's time. It checks no API "
+        "key (CVAT sends none): keep it on an internal network. Same settings as `hsc serve`.",
+    )
+    cg.add_argument("--host", help="listen address (HSC_HOST, default 127.0.0.1)")
+    cg.add_argument("--port", type=int, default=8070, help="listen port (default: %(default)s)")
+    for sp in (sv, w, cg):
         sp.add_argument(
             "--checkpoint",
             dest="checkpoints",
@@ -306,7 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--results-dir", help="job outputs and embedded job records (HSC_RESULTS_DIR)")
         sp.add_argument("--device", help="auto, cpu, cuda or cuda:N (HSC_DEVICE)")
         sp.add_argument("--fast", action="store_true", help="bf16/fp16 autocast (HSC_MODE=fast)")
+        sp.add_argument(
+            "--threads",
+            dest="torch_threads",
+            type=int,
+            help="CPU threads per model process (HSC_TORCH_THREADS; default: the CPUs shared among them)",
+        )
+    cg.add_argument(
+        "--workers", dest="embedded_workers", type=int, help="embedded pool processes (HSC_EMBEDDED_WORKERS)"
+    )
     sv.set_defaults(handler=_cmd_serve)
+    cg.set_defaults(handler=_cmd_cvat_gateway)
     w.set_defaults(handler=_cmd_worker)
     return p
 

@@ -4,14 +4,18 @@
 with file paths instead of the base64 blobs), so every consumer sees one schema:
 
 ``request_id``, ``model {id, sha256, classes}``, ``image {width, height, format,
-exif_orientation_applied}``, ``labels {requested, used, source}``, ``settings``, ``mask {encoding,
-palette, ignore_index, data}``, ``classes [{index, name, pixels, fraction, mean_confidence, bbox}]``,
-``quality``, ``timings_ms``, ``warnings``, and only when asked in ``outputs``: ``heatmaps``, ``cams``,
-``coco_rle``, ``labelstudio``, ``cvat``.
+exif_orientation_applied}``, ``labels {requested, used, source[, threshold, classifier_scores]}``,
+``settings``, ``mask {encoding, palette, ignore_index, data}``, ``classes [{index, name, pixels,
+fraction, mean_confidence, bbox}]``, ``quality``, ``timings_ms``, ``warnings``, and only when asked in
+``outputs``: ``heatmaps``, ``cams``, ``coco_rle``, ``labelstudio``, ``cvat``.
 
 *Confidence* of a foreground pixel is its class's CAM value there (max-normalised, in [0, 1));
 ``mean_confidence`` of a class averages it over the class's mask pixels, ``quality`` over all the
 foreground pixels (0 without foreground). ``quality`` is also the Label Studio prediction score.
+
+Labels predicted by the classifier (``labels="auto"``) give ``labels = {"requested": "auto", "used":
+[...], "source": "predicted", "threshold": t, "classifier_scores": {name: probability}}`` (every
+class of the model, rounded to 4 digits).
 """
 
 from __future__ import annotations
@@ -144,12 +148,31 @@ def class_stats(
     return rows, round(fg_sum / fg_pixels, _DIGITS) if fg_pixels else 0.0
 
 
+def _labels_block(
+    requested: Sequence[Any] | str,
+    classes: Sequence[int],
+    source: str,
+    scores: Mapping[str, float] | None,
+    threshold: float | None,
+) -> dict[str, Any]:
+    block: dict[str, Any] = {
+        "requested": requested if isinstance(requested, str) else list(requested),
+        "used": [int(c) + 1 for c in classes],
+        "source": source,
+    }
+    if threshold is not None:
+        block["threshold"] = float(threshold)
+    if scores is not None:
+        block["classifier_scores"] = {str(k): round(float(v), _DIGITS) for k, v in scores.items()}
+    return block
+
+
 def build_result(
     *,
     request_id: str,
     model: Mapping[str, Any],
     image_info: Mapping[str, Any],
-    labels_requested: Sequence[Any],
+    labels_requested: Sequence[Any] | str,
     classes: Sequence[int],
     class_names: Sequence[str],
     mask: np.ndarray,
@@ -161,6 +184,9 @@ def build_result(
     warnings: Sequence[str] = (),
     labelstudio: Mapping[str, Any] | None = None,
     mask_png: bytes | None = None,
+    labels_source: str = "given",
+    classifier_scores: Mapping[str, float] | None = None,
+    label_threshold: float | None = None,
 ) -> dict[str, Any]:
     """The D3 response dict of one image (JSON-able).
 
@@ -168,7 +194,7 @@ def build_result(
         request_id: echoed.
         model: the model card (``id``, ``sha256``, ``classes`` = ``["background", *K names]``).
         image_info: ``{width, height, format, exif_orientation_applied}`` (from the decoder).
-        labels_requested: the labels as the client gave them.
+        labels_requested: the labels as the client gave them (a list, or the string ``"auto"``).
         classes, class_names: channel index and name of each used class (ascending channels).
         mask: (H, W) uint8 in VOC label space (0 background, ``c + 1`` channel ``c``).
         cams: (len(classes), H, W) float32 CAMs in [0, 1), or ``None`` (then no confidences).
@@ -180,6 +206,9 @@ def build_result(
             (default :data:`DEFAULT_LABELSTUDIO`).
         mask_png: the mask already encoded by :func:`hsc.core.encoders.label_to_png` (saves encoding
             it twice when the caller also writes it to a file).
+        labels_source: ``"given"`` or ``"predicted"`` (the classifier chose the classes).
+        classifier_scores: class name -> classifier probability (added to ``labels`` when given).
+        label_threshold: the classifier threshold used (added to ``labels`` when given).
     """
     outs = parse_outputs(list(outputs))
     mask = np.asarray(mask)
@@ -203,11 +232,7 @@ def build_result(
             "format": image_info.get("format"),
             "exif_orientation_applied": int(image_info.get("exif_orientation_applied", 1)),
         },
-        "labels": {
-            "requested": list(labels_requested),
-            "used": [int(c) + 1 for c in classes],
-            "source": "given",
-        },
+        "labels": _labels_block(labels_requested, classes, labels_source, classifier_scores, label_threshold),
         "settings": dict(settings),
         "mask": {
             "encoding": "png-palette",

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     mode: Literal["exact", "fast"] = Field(default="exact", description="exact fp32, or fast bf16/fp16")
     crf_workers: int = Field(default=1, ge=0, description="CRF processes beside the network per worker")
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads per model process; 0: OMP_NUM_THREADS, else the CPUs shared among them",
+    )
     # --- limits
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=50_000_000, gt=0, description="checked from the image header")

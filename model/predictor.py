@@ -26,6 +26,20 @@ Usage::
     pred = p.predict(image, ["dog", "person"], crf=True, outputs={"mask", "cams", "heatmaps"})
     pred.mask        # (H, W) uint8, VOC label space: 0 background, c+1 for class c
     pred.cams        # (K_present, H, W) float32, rows follow pred.classes / pred.class_names
+
+Image-level labels predicted by the classifier (``labels="auto"``)::
+
+    p.classify(image)                       # (K,) float32 class probabilities
+    pred = p.predict(image, "auto", label_threshold=0.5)
+    pred.labels_source, pred.class_scores   # "predicted", {name: probability for all K classes}
+
+The probabilities are what the network was trained to output (multilabel soft margin on the spatial
+mean of the ``fc8`` logits, foreground channels): ``sigmoid(mean_hw fc8(x)[:K])`` of **one extra pass
+at scale 1.0, unflipped** (the image at its own size, the checkpoint's normalisation, the predictor's
+mode). The multi-scale CAM passes cannot be reused: the labels must be known before they run. The
+extra pass costs one unit out of the 15 of the official 4-scale x flip inference (~7 % of the
+network time). Classes with a probability >= ``label_threshold`` are used; when none is, the top-1.
+The exact path with given labels is unchanged.
 """
 
 from __future__ import annotations
@@ -46,22 +60,36 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cam import OFFICIAL_SCALES, cams_to_label, check_image, crf_from_cams, crf_to_label, multiscale_cam
+from .cam import (
+    OFFICIAL_SCALES,
+    _forward_cam,
+    _upload,
+    cams_to_label,
+    check_image,
+    crf_from_cams,
+    crf_to_label,
+    multiscale_cam,
+    normalize_image,
+)
 from .classes import BACKGROUND, VOC_CLASSES
 from .config import ModelInfo
 from .crf import INFERENCE_CRF
 from .visualize import heatmap_overlay
 
 __all__ = [
+    "AUTO_LABELS",
     "CRF_ALPHA",
     "CRF_ITERS",
+    "DEFAULT_LABEL_THRESHOLD",
     "DEFAULT_OUTPUTS",
     "OUTPUTS",
     "Mode",
     "Prediction",
     "Predictor",
     "fast_dtype",
+    "is_auto_labels",
     "resolve_device",
+    "select_classes",
 ]
 
 Mode = Literal["exact", "fast"]
@@ -71,7 +99,41 @@ DEFAULT_OUTPUTS = frozenset({"mask", "cams"})
 CRF_ITERS = 8  # README: --crf_t 8
 CRF_ALPHA = 7  # README: --crf_alpha 7
 
+#: ``labels=AUTO_LABELS`` (any case): the classes come from the image-level classifier.
+AUTO_LABELS = "auto"
+DEFAULT_LABEL_THRESHOLD = 0.5
+CLASSIFIER = "sigmoid(spatial mean of the fc8 logits), one pass at scale 1.0, unflipped"
+
 Labels = Sequence[str | int] | str
+
+
+def is_auto_labels(labels: object) -> bool:
+    """``True`` for the string ``"auto"`` (any case, surrounding spaces ignored)."""
+    return isinstance(labels, str) and labels.strip().casefold() == AUTO_LABELS
+
+
+def check_label_threshold(value: float) -> float:
+    """``value`` as a float in [0, 1]; ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"label_threshold must be a number in [0, 1], got {value!r}")
+    t = float(value)
+    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+        raise ValueError(f"label_threshold must be a number in [0, 1], got {value!r}")
+    return t
+
+
+def select_classes(
+    scores: np.ndarray | Sequence[float], threshold: float = DEFAULT_LABEL_THRESHOLD
+) -> tuple[int, ...]:
+    """Channel indices (ascending) whose probability is ``>= threshold``; the top-1 when none is
+    (the first maximum on ties)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise ValueError("no class scores")
+    picked = np.flatnonzero(s >= check_label_threshold(threshold))
+    if picked.size == 0:
+        return (int(np.argmax(s)),)
+    return tuple(int(c) for c in picked)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +225,11 @@ class Prediction:
     settings:    everything that decided the numbers (JSON-able): mode, device, dtype, scales, flip,
                  bg_threshold, crf, crf_iters, crf_alpha, ...
     timings:     seconds: ``network`` (pre-processing + forwards + CAM merge, including the copy to
-                 the host), ``crf``, ``postprocess`` (threshold mask, heatmaps), ``total``.
+                 the host), ``crf``, ``postprocess`` (threshold mask, heatmaps), ``total``; with
+                 ``labels="auto"`` also ``classify`` (the classifier pass).
+    labels_source: ``"given"``, or ``"predicted"`` for ``labels="auto"``.
+    class_scores: with ``labels="auto"``: class name -> classifier probability, for all K classes
+                 (:meth:`Predictor.classify`); ``None`` for given labels.
     """
 
     mask: np.ndarray | None
@@ -174,6 +240,8 @@ class Prediction:
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    labels_source: str = "given"
+    class_scores: dict[str, float] | None = None
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -195,6 +263,8 @@ class _Job:
     t_start: float
     cams: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    class_scores: np.ndarray | None = None  # (K,) classifier probabilities, labels="auto" only
+    label_threshold: float | None = None
 
 
 def _crf_mask(
@@ -452,12 +522,18 @@ class Predictor:
         crf_iters: int,
         crf_alpha: float,
         outputs: Iterable[str] | str,
+        label_threshold: float = DEFAULT_LABEL_THRESHOLD,
     ) -> _Job:
         t_start = time.perf_counter()
         image = check_image(image)
         if not image.flags.writeable:  # np.asarray(PIL image) is read-only; pydensecrf refuses those
             image = image.copy()
-        classes = self.class_indices(labels)
+        auto = is_auto_labels(labels)
+        if auto:
+            label_thr = check_label_threshold(label_threshold)
+            classes: tuple[int, ...] = ()
+        else:
+            classes = self.class_indices(labels)
         outs = frozenset([outputs] if isinstance(outputs, str) else outputs)
         bad = sorted(outs - OUTPUTS)
         if bad:
@@ -470,13 +546,50 @@ class Predictor:
                 raise ValueError(f"crf_iters must be an integer >= 0, got {crf_iters!r}")
             if not (math.isfinite(crf_alpha) and crf_alpha > 0):
                 raise ValueError(f"crf_alpha must be a positive number, got {crf_alpha!r}")
-        return _Job(image, classes, bool(crf), thr, int(crf_iters), crf_alpha, outs, t_start)
+        job = _Job(image, classes, bool(crf), thr, int(crf_iters), crf_alpha, outs, t_start)
+        if auto:
+            t0 = time.perf_counter()
+            scores = self._class_probs(image)
+            job.classes = select_classes(scores, label_thr)
+            job.class_scores, job.label_threshold = scores, label_thr
+            job.timings["classify"] = time.perf_counter() - t0
+        return job
 
     def _precision(self) -> contextlib.AbstractContextManager[Any]:
         """Exact mode on CUDA: no TF32 in the convolutions (it would break the 1e-4 agreement)."""
         if self.device.type == "cuda" and self.mode == "exact":
             return cudnn_conv_ieee_fp32()
         return contextlib.nullcontext()
+
+    def _class_probs(self, image: np.ndarray) -> np.ndarray:
+        """(K,) float32 classifier probabilities of a checked image (see :meth:`classify`)."""
+        norm = self.info.normalization
+        with self._precision(), torch.inference_mode():
+            x = normalize_image(_upload(image, self.device), norm.mean, norm.std, self.device).unsqueeze(0)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = _forward_cam(
+                self._cam_net,  # type: ignore[arg-type]
+                x,
+                self.dtype if self.mode == "fast" else None,
+            )
+            if logits.dim() != 4 or logits.shape[1] != self.num_classes + 1:
+                raise ValueError(f"forward_cam returned shape {tuple(logits.shape)}, expected (1, K+1, h, w)")
+            probs = torch.sigmoid(logits.float().mean(dim=(2, 3))[0, : self.num_classes])
+        return probs.cpu().numpy().astype(np.float32)
+
+    def classify(self, image: np.ndarray) -> np.ndarray:
+        """The image-level classifier: (K,) float32 probability of each class (network channel order).
+
+        ``sigmoid(mean_hw fc8(x)[:K])``, the quantity the network was trained on (multilabel soft
+        margin on the spatial mean of the ``fc8`` logits), from one pass at scale 1.0 (the image at
+        its own size), unflipped, in the predictor's mode. The background channel is left out.
+        """
+        return self._class_probs(check_image(image))
+
+    def classifier_scores(self, image: np.ndarray) -> dict[str, float]:
+        """:meth:`classify` as ``{class name: probability}`` for all K classes."""
+        return dict(zip(self.class_names, (float(p) for p in self.classify(image))))
 
     def _run_network(self, job: _Job) -> None:
         t0 = time.perf_counter()
@@ -513,7 +626,16 @@ class Predictor:
             "crf": job.timings.get("crf", 0.0),
             "postprocess": time.perf_counter() - t0,
         }
+        if "classify" in job.timings:
+            timings["classify"] = job.timings["classify"]
         timings["total"] = time.perf_counter() - job.t_start
+        settings = self.settings(
+            crf=job.crf, bg_threshold=job.bg_threshold, crf_iters=job.crf_iters, crf_alpha=job.crf_alpha
+        )
+        scores: dict[str, float] | None = None
+        if job.class_scores is not None:
+            scores = dict(zip(self.class_names, (float(p) for p in job.class_scores)))
+            settings.update(labels=AUTO_LABELS, label_threshold=job.label_threshold, classifier=CLASSIFIER)
         return Prediction(
             mask=mask,
             cams=job.cams if "cams" in job.outputs else None,
@@ -521,10 +643,10 @@ class Predictor:
             class_names=names,
             image_size=(int(job.image.shape[0]), int(job.image.shape[1])),
             heatmaps=heatmaps,
-            settings=self.settings(
-                crf=job.crf, bg_threshold=job.bg_threshold, crf_iters=job.crf_iters, crf_alpha=job.crf_alpha
-            ),
+            settings=settings,
             timings=timings,
+            labels_source="given" if job.class_scores is None else "predicted",
+            class_scores=scores,
         )
 
     def predict(
@@ -537,22 +659,28 @@ class Predictor:
         crf_iters: int = CRF_ITERS,
         crf_alpha: float = CRF_ALPHA,
         outputs: Iterable[str] | str = DEFAULT_OUTPUTS,
+        label_threshold: float = DEFAULT_LABEL_THRESHOLD,
     ) -> Prediction:
         """Pseudo-label one image.
 
         Args:
             image: (H, W, 3) uint8 RGB.
-            labels: the classes present in the image: names (any case) or channel indices, or a mix.
+            labels: the classes present in the image: names (any case) or channel indices, or a mix;
+                or the string ``"auto"`` (any case): the classes whose :meth:`classify` probability is
+                ``>= label_threshold``, the top-1 when none is.
             crf: refine the mask with the inference dense CRF (algorithm.md 5.4) and take its argmax.
             bg_threshold: background score of the thresholded mask (default: the checkpoint's, 0.22
                 for the official one); unused by the CRF mask but recorded.
             crf_iters, crf_alpha: mean-field iterations and the background exponent (README: 8, 7).
             outputs: any of ``"mask"``, ``"cams"``, ``"heatmaps"``; the others are ``None``/empty.
+            label_threshold: in [0, 1]; used with ``labels="auto"`` only.
 
         Returns:
             :class:`Prediction` at the original (H, W).
         """
-        kw: dict[str, Any] = dict(crf_iters=crf_iters, crf_alpha=crf_alpha, outputs=outputs)
+        kw: dict[str, Any] = dict(
+            crf_iters=crf_iters, crf_alpha=crf_alpha, outputs=outputs, label_threshold=label_threshold
+        )
         job = self._prepare(image, labels, crf=crf, bg_threshold=bg_threshold, **kw)
         self._run_network(job)
         mask = None
@@ -573,16 +701,23 @@ class Predictor:
         crf_iters: int = CRF_ITERS,
         crf_alpha: float = CRF_ALPHA,
         outputs: Iterable[str] | str = DEFAULT_OUTPUTS,
+        label_threshold: float = DEFAULT_LABEL_THRESHOLD,
     ) -> Iterator[Prediction]:
         """Predict a stream of ``(image, labels)`` pairs, in order.
 
         With ``crf=True`` and ``crf_workers > 0`` the CRF of each image runs in a process pool while
         the network works on the next images (pydensecrf holds the GIL, so threads would not
         overlap); at most ``crf_workers + 1`` images wait for their CRF. The results equal
-        :meth:`predict`'s; ``timings["crf"]`` is the CRF's time in its worker.
+        :meth:`predict`'s; ``timings["crf"]`` is the CRF's time in its worker. ``labels`` may be
+        ``"auto"`` per item (see :meth:`predict`).
         """
         kw: dict[str, Any] = dict(
-            crf=crf, bg_threshold=bg_threshold, crf_iters=crf_iters, crf_alpha=crf_alpha, outputs=outputs
+            crf=crf,
+            bg_threshold=bg_threshold,
+            crf_iters=crf_iters,
+            crf_alpha=crf_alpha,
+            outputs=outputs,
+            label_threshold=label_threshold,
         )
         if crf_workers < 0:
             raise ValueError(f"crf_workers must be >= 0, got {crf_workers}")

@@ -2,7 +2,10 @@
 
 Labels are class names (case-insensitive) or integer indices in the VOC label space of the model's
 ``classes`` (``1..K`` foreground; ``background``/``0`` is implicit and ignored); they become the
-**channel indices** (``label - 1``) the worker takes.
+**channel indices** (``label - 1``) the worker takes. ``labels=auto`` (any case) asks the model's
+image-level classifier instead: the classes with a probability >= ``label_threshold`` (default 0.5;
+the top-1 when none reaches it). In a job's ``options``, ``"labels": "auto"`` replaces the items' own
+labels.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from hsc.core.settings import Settings
 from .errors import Problem
 
 __all__ = [
+    "AUTO_LABELS",
+    "DEFAULT_LABEL_THRESHOLD",
     "OPTION_FIELDS",
     "Options",
+    "is_auto",
     "parse_bool",
     "parse_options",
     "default_model_id",
@@ -31,7 +37,18 @@ __all__ = [
 
 _TRUE = {"1", "true", "yes", "on", "t", "y"}
 _FALSE = {"0", "false", "no", "off", "f", "n"}
-OPTION_FIELDS = ("model", "crf", "bg_threshold", "outputs")
+OPTION_FIELDS = ("model", "crf", "bg_threshold", "outputs", "labels", "label_threshold")
+#: ``labels`` value asking for the classifier's labels (matched ignoring case and spaces).
+AUTO_LABELS = "auto"
+#: What the worker uses when ``label_threshold`` is not given.
+DEFAULT_LABEL_THRESHOLD = 0.5
+
+
+def is_auto(labels: Any) -> bool:
+    """``"auto"`` (any case), alone or as the only entry of a list."""
+    if isinstance(labels, (list, tuple)) and len(labels) == 1:
+        labels = labels[0]
+    return isinstance(labels, str) and labels.strip().lower() == AUTO_LABELS
 
 
 @dataclass(frozen=True)
@@ -42,14 +59,28 @@ class Options:
     crf: bool = True
     bg_threshold: float | None = None
     outputs: tuple[str, ...] = ("mask",)
+    labels: str | None = None  # "auto": the classifier's labels; None: the given ones
+    label_threshold: float | None = None  # with labels="auto"; None: DEFAULT_LABEL_THRESHOLD
+
+    @property
+    def auto_labels(self) -> bool:
+        return self.labels == AUTO_LABELS
 
     def as_dict(self, model_id: str) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "model": model_id,
             "crf": self.crf,
             "bg_threshold": self.bg_threshold,
             "outputs": list(self.outputs),
         }
+        if self.auto_labels:
+            out["labels"] = AUTO_LABELS
+            out["label_threshold"] = self.effective_label_threshold
+        return out
+
+    @property
+    def effective_label_threshold(self) -> float:
+        return DEFAULT_LABEL_THRESHOLD if self.label_threshold is None else self.label_threshold
 
 
 def parse_bool(value: Any, name: str) -> bool:
@@ -65,7 +96,7 @@ def parse_bool(value: Any, name: str) -> bool:
     raise Problem("invalid_option", f"{name} must be true or false, got {value!r}", extra={"field": name})
 
 
-def _threshold(value: Any) -> float | None:
+def _threshold(value: Any, name: str = "bg_threshold", default: str = "the model's") -> float | None:
     if value is None or (isinstance(value, str) and value.strip() in ("", "null", "none", "default")):
         return None
     try:
@@ -75,10 +106,24 @@ def _threshold(value: Any) -> float | None:
     if not 0.0 <= t <= 1.0:
         raise Problem(
             "invalid_option",
-            f"bg_threshold must be a number in [0, 1] (or empty for the model's), got {value!r}",
-            extra={"field": "bg_threshold"},
+            f"{name} must be a number in [0, 1] (or empty for {default}), got {value!r}",
+            extra={"field": name},
         )
     return t
+
+
+def _auto_option(value: Any) -> str | None:
+    """The ``labels`` of a job's options: absent/empty, or ``"auto"``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if is_auto(value):
+        return AUTO_LABELS
+    raise Problem(
+        "invalid_option",
+        f'options.labels may only be "auto" (the classifier\'s labels), got {value!r}; '
+        "the items' labels come from the dataset",
+        extra={"field": "labels"},
+    )
 
 
 def _outputs(value: Any) -> tuple[str, ...]:
@@ -119,6 +164,10 @@ def parse_options(fields: Mapping[str, Any], *, strict: bool = False) -> Options
         crf=True if crf is None or crf == "" else parse_bool(crf, "crf"),
         bg_threshold=_threshold(fields.get("bg_threshold")),
         outputs=_outputs(fields.get("outputs")),
+        labels=_auto_option(fields.get("labels")),
+        label_threshold=_threshold(
+            fields.get("label_threshold"), "label_threshold", str(DEFAULT_LABEL_THRESHOLD)
+        ),
     )
 
 

@@ -74,6 +74,8 @@ WORKERS_CACHE_S = 1.0
 QueueKind = Literal["image", "chunk"]
 #: Retry-After (seconds) sent with 503 answers.
 RETRY_AFTER_S = 5
+#: Seconds past a BLPOP's own timeout before the API stops waiting for its answer.
+BLPOP_GRACE_S = 10.0
 #: Times a chunk is given to a fresh pool after the pool broke under it (a crashed process).
 POOL_RETRIES = 2
 
@@ -243,6 +245,7 @@ class BrokerRunner(Runner):
             )
         )
         self._aredis: Any = None
+        self._ablock: Any = None  # BLPOP only: no socket timeout (redis-py's default, 5 s, would cut it)
         self._workers_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._lock = threading.Lock()
 
@@ -251,10 +254,12 @@ class BrokerRunner(Runner):
 
         assert self.settings.redis_url
         self._aredis = aredis.Redis.from_url(self.settings.redis_url)
+        self._ablock = aredis.Redis.from_url(self.settings.redis_url, socket_timeout=None)
 
     async def close(self) -> None:
-        if self._aredis is not None:
-            await self._aredis.aclose()
+        for client in (self._aredis, self._ablock):
+            if client is not None:
+                await client.aclose()
         self._celery.close()
         self._redis.close()
 
@@ -303,7 +308,11 @@ class BrokerRunner(Runner):
             await anyio.to_thread.run_sync(
                 lambda: self._send(TASK_PSEUDO_LABEL, [request], PRIORITY_IMAGE, expires=timeout)
             )
-            got = await self._aredis.blpop([reply_key(rid)], timeout=timeout)
+            # The wait is bounded by BLPOP's own timeout; fail_after only guards against a silent
+            # network partition (the blocking client has no socket timeout).
+            got = None
+            with anyio.move_on_after(timeout + BLPOP_GRACE_S):
+                got = await self._ablock.blpop([reply_key(rid)], timeout=timeout)
         finally:
             await self._aredis.delete(blob_key(rid))
         if got is None:

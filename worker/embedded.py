@@ -10,15 +10,11 @@ a job whose records are on disk (:class:`~hsc.core.jobs.FileJobStore` under ``re
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hsc.core.jobs import FileJobStore
 from hsc.core.settings import Settings
-from hsc.model.predictor import resolve_device
 
 from .engine import Engine, ItemError, get_engine
 
@@ -38,10 +34,7 @@ def init(settings_dict: dict[str, Any]) -> None:
     """Pool initializer: the settings (``Settings.model_dump()`` of the API's), and the models."""
     global _settings
     _settings = Settings(**settings_dict)
-    if _settings.embedded_workers > 1 and resolve_device(_settings.device).type == "cpu":
-        # the pool's processes share the cores instead of each starting one thread per core
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // _settings.embedded_workers))
-    get_engine(_settings)
+    get_engine(_settings)  # sets the threads: the pool's processes share the CPUs
 
 
 def _engine() -> tuple[Settings, Engine]:

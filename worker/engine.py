@@ -15,6 +15,12 @@ A bad image fails that item (its code in the job's errors), never the chunk. The
 between images. With the CRF on and ``settings.crf_workers > 0``, the CRF of each image runs in a
 process pool while the network works on the next image (:meth:`Predictor.predict_many`).
 
+Labels predicted by the classifier: a request (or a job's ``options``) with ``"labels": "auto"`` and
+an optional ``"label_threshold"`` (default 0.5) lets :meth:`Predictor.predict` choose the classes
+(probability >= threshold, else the top-1); the result's ``labels`` block then says ``"source":
+"predicted"`` with the ``classifier_scores`` of every class. In a job, ``"labels": "auto"`` replaces
+the items' own labels.
+
 Nothing is kept between images (the predictor is the only state), so memory stays flat however many
 images a process serves.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -43,7 +50,14 @@ from hsc.core.jobs import JobItem, JobStore, job_dir
 from hsc.core.results import build_result, parse_outputs, rgb_png
 from hsc.core.settings import Settings
 from hsc.model.classes import BACKGROUND
-from hsc.model.predictor import Prediction, Predictor
+from hsc.model.predictor import (
+    AUTO_LABELS,
+    DEFAULT_LABEL_THRESHOLD,
+    Prediction,
+    Predictor,
+    check_label_threshold,
+    is_auto_labels,
+)
 
 __all__ = ["Engine", "ItemError", "get_engine", "heatmap_file_name"]
 
@@ -103,6 +117,8 @@ class _Options:
     crf: bool
     bg_threshold: float | None
     outputs: set[str]
+    auto_labels: bool = False
+    label_threshold: float = DEFAULT_LABEL_THRESHOLD
 
     @property
     def predictor_outputs(self) -> set[str]:
@@ -195,7 +211,14 @@ class Engine:
             outputs = parse_outputs(options.get("outputs"))
         except ValueError as e:
             raise ItemError("invalid_option", str(e)) from None
-        return _Options(model_id, predictor, bool(options.get("crf", True)), bg, outputs)
+        auto = is_auto_labels(options.get("labels"))
+        label_thr = DEFAULT_LABEL_THRESHOLD
+        if auto and options.get("label_threshold") is not None:
+            try:
+                label_thr = check_label_threshold(options["label_threshold"])
+            except ValueError as e:
+                raise ItemError("invalid_option", str(e)) from None
+        return _Options(model_id, predictor, bool(options.get("crf", True)), bg, outputs, auto, label_thr)
 
     @staticmethod
     def _channels(predictor: Predictor, labels: Sequence[Any]) -> tuple[int, ...]:
@@ -228,13 +251,17 @@ class Engine:
             raise ItemError.from_image_error(e) from None
 
     @staticmethod
-    def _predict(opts: _Options, rgb: np.ndarray, channels: tuple[int, ...]) -> Prediction:
+    def _predict(opts: _Options, rgb: np.ndarray, channels: Sequence[int]) -> Prediction:
+        """Predict with ``channels``, or with the classifier's labels when ``opts.auto_labels``."""
         kw: dict[str, Any] = dict(
             crf=opts.crf, bg_threshold=opts.bg_threshold, outputs=opts.predictor_outputs
         )
+        labels: list[int] | str = list(channels)
+        if opts.auto_labels:
+            labels, kw["label_threshold"] = AUTO_LABELS, opts.label_threshold
         for attempt in (1, 2):
             try:
-                return opts.predictor.predict(rgb, list(channels), **kw)
+                return opts.predictor.predict(rgb, labels, **kw)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if attempt == 2:
@@ -253,17 +280,18 @@ class Engine:
         opts: _Options,
         pred: Prediction,
         info: Mapping[str, Any],
-        labels_requested: Sequence[Any],
+        labels_requested: Sequence[Any] | str,
         timings: dict[str, float],
         outputs: set[str],
         mask_png: bytes | None = None,
     ) -> dict[str, Any]:
         assert pred.mask is not None and pred.cams is not None
+        predicted = pred.labels_source == "predicted"
         return build_result(
             request_id=request_id,
             model=self._cards[opts.model_id],
             image_info=info,
-            labels_requested=list(labels_requested),
+            labels_requested=AUTO_LABELS if predicted else list(labels_requested),
             classes=pred.classes,
             class_names=pred.class_names,
             mask=pred.mask,
@@ -273,29 +301,37 @@ class Engine:
             timings_ms=timings,
             outputs=outputs,
             mask_png=mask_png,
+            labels_source=pred.labels_source,
+            classifier_scores=pred.class_scores,
+            label_threshold=opts.label_threshold if predicted else None,
         )
 
     @staticmethod
     def _timings(t_decode: float, pred: Prediction) -> dict[str, float]:
-        return {
+        out = {
             "decode": _ms(t_decode),
             "network": _ms(pred.timings.get("network", 0.0)),
             "crf": _ms(pred.timings.get("crf", 0.0)),
             "postprocess": _ms(pred.timings.get("postprocess", 0.0)),
         }
+        if "classify" in pred.timings:
+            out["classify"] = _ms(pred.timings["classify"])
+        return out
 
     def pseudo_label(self, request: Mapping[str, Any], image: bytes) -> dict[str, Any]:
         """The D3 result dict of one image, or :class:`ItemError`.
 
-        ``request``: ``{"request_id", "model" (id or None), "labels" (channel indices),
-        "labels_requested" (as the client gave them), "crf" (default true), "bg_threshold" (None:
-        the model's), "outputs" (names), "enqueued_at" (optional unix time: adds ``queue`` to the
-        timings)}``.
+        ``request``: ``{"request_id", "model" (id or None), "labels" (channel indices, or ``"auto"``:
+        the classifier's), "label_threshold" (with ``"auto"``; default 0.5), "labels_requested" (as
+        the client gave them), "crf" (default true), "bg_threshold" (None: the model's), "outputs"
+        (names), "enqueued_at" (optional unix time: adds ``queue`` to the timings)}``.
         """
         t0 = time.perf_counter()
         queued = request.get("enqueued_at")
         opts = self._options(request.get("model"), request)
-        channels = self._channels(opts.predictor, request.get("labels") or [])
+        channels: tuple[int, ...] = ()
+        if not opts.auto_labels:
+            channels = self._channels(opts.predictor, request.get("labels") or [])
         rgb, info = self._decode(image)
         t_decode = time.perf_counter() - t0
         pred = self._predict(opts, rgb, channels)
@@ -324,9 +360,10 @@ class Engine:
     def _load_item(self, item: JobItem, opts: _Options) -> tuple[np.ndarray, dict[str, Any], float]:
         """Check the item's labels, read and decode its image: ``(rgb, info, seconds)``."""
         t0 = time.perf_counter()
-        if not item.labels:
-            raise ItemError("no_labels", f"item {item.id} has no image-level labels")
-        self._channels(opts.predictor, item.labels)
+        if not opts.auto_labels:
+            if not item.labels:
+                raise ItemError("no_labels", f"item {item.id} has no image-level labels")
+            self._channels(opts.predictor, item.labels)
         try:
             data = Path(item.image).read_bytes()
         except FileNotFoundError:
@@ -536,7 +573,7 @@ class Engine:
         inflight: deque[tuple[JobItem, dict[str, Any], float]] = deque()
         current: list[JobItem] = []  # the item being read (not yet in flight)
 
-        def inputs() -> Iterator[tuple[np.ndarray, list[int]]]:
+        def inputs() -> Iterator[tuple[np.ndarray, list[int] | str]]:
             for item in pending:
                 if store.cancel_requested(job_id):
                     state.cancelled = True
@@ -551,7 +588,7 @@ class Engine:
                     continue
                 current.clear()
                 inflight.append((item, info, t_decode))
-                yield rgb, list(item.labels)
+                yield rgb, (AUTO_LABELS if opts.auto_labels else list(item.labels))
 
         stream = opts.predictor.predict_many(
             inputs(),
@@ -559,6 +596,7 @@ class Engine:
             crf_workers=self.settings.crf_workers,
             bg_threshold=opts.bg_threshold,
             outputs=opts.predictor_outputs,
+            label_threshold=opts.label_threshold,
         )
         try:
             while True:
@@ -583,11 +621,43 @@ _engine: Engine | None = None
 _engine_lock = threading.Lock()
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def model_processes(settings: Settings) -> int:
+    """Processes of one ``hsc serve`` / ``hsc worker`` that each hold the models and share the CPUs:
+    the embedded pool's, or a prefork worker's children (threads and solo pools: one)."""
+    if settings.embedded:
+        return settings.embedded_workers
+    return settings.worker_concurrency if settings.worker_pool == "prefork" else 1
+
+
+def torch_threads(settings: Settings) -> int:
+    """Intra-op threads of one model process: ``settings.torch_threads`` when set; else
+    ``OMP_NUM_THREADS`` when the environment sets it; else the usable CPUs divided among
+    :func:`model_processes` (at least 1)."""
+    if settings.torch_threads > 0:
+        return settings.torch_threads
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return max(1, usable_cpus() // model_processes(settings))
+
+
 def get_engine(settings: Settings) -> Engine:
-    """This process's engine, loaded on first use and kept (a new one when the settings change)."""
+    """This process's engine, loaded on first use and kept (a new one when the settings change).
+    Loading sets torch's CPU threads to :func:`torch_threads`."""
     global _engine
     with _engine_lock:
         if _engine is None or _engine.settings != settings:
             _engine = None  # release the old models first
+            n = torch_threads(settings)
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
             _engine = Engine(settings)
         return _engine

@@ -1,8 +1,12 @@
 """``POST /pseudo-label``: one image and its image-level labels in, the mask and the extras out (D3).
 
-Multipart (``image`` file, ``labels``, ``model``, ``crf``, ``bg_threshold``, ``outputs``) or JSON with
-``image_base64``. ``Accept: image/png`` answers the palette mask alone; ``Prefer: respond-async``
-makes it a one-image job (202 + ``Location``).
+Multipart (``image`` file, ``labels``, ``model``, ``crf``, ``bg_threshold``, ``outputs``,
+``label_threshold``) or JSON with ``image_base64``. ``Accept: image/png`` answers the palette mask
+alone; ``Prefer: respond-async`` makes it a one-image job (202 + ``Location``).
+
+``labels=auto`` (any case) lets the model's image-level classifier choose the classes (probability
+>= ``label_threshold``, default 0.5, else the top-1); the answer's ``labels`` block then has
+``"source": "predicted"`` and the ``classifier_scores`` of every class.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import base64
 import binascii
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -25,7 +29,16 @@ from hsc.core.jobs import JobItem, job_dir, new_job_id
 
 from ..deps import MetricsDep, RunnerDep, SettingsDep
 from ..errors import PROBLEM_JSON, Problem
-from ..options import Options, default_model_id, parse_options, resolve_labels, resolve_model, split_labels
+from ..options import (
+    AUTO_LABELS,
+    Options,
+    default_model_id,
+    is_auto,
+    parse_options,
+    resolve_labels,
+    resolve_model,
+    split_labels,
+)
 from ..runner import Runner
 from ..submit import safe_item_id, start_job
 
@@ -48,7 +61,16 @@ _FORM_SCHEMA = {
                         "labels": {
                             "type": "string",
                             "description": "class names (any case) or indices "
-                            "1..K, comma-separated, repeated, or a JSON list; background is implicit",
+                            "1..K, comma-separated, repeated, or a JSON list; background is implicit; "
+                            "or `auto`: the classes the model's classifier predicts",
+                        },
+                        "label_threshold": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1,
+                            "default": 0.5,
+                            "description": "with labels=auto: classes whose probability reaches it "
+                            "(the top-1 when none does)",
                         },
                         "model": {"type": "string", "description": "model id (or id@sha256-prefix)"},
                         "crf": {"type": "boolean", "default": True},
@@ -73,7 +95,13 @@ _FORM_SCHEMA = {
                     "properties": {
                         "image_base64": {"type": "string"},
                         "filename": {"type": "string"},
-                        "labels": {"type": "array", "items": {"type": ["string", "integer"]}},
+                        "labels": {
+                            "oneOf": [
+                                {"type": "array", "items": {"type": ["string", "integer"]}},
+                                {"type": "string", "description": "comma list, or `auto`"},
+                            ]
+                        },
+                        "label_threshold": {"type": "number", "minimum": 0, "maximum": 1},
                         "model": {"type": "string"},
                         "crf": {"type": "boolean"},
                         "bg_threshold": {"type": "number"},
@@ -116,7 +144,7 @@ async def _read_input(request: Request, max_bytes: int) -> _Input:
         if not isinstance(upload, UploadFile):
             raise Problem("bad_request", "multipart field 'image' (the image file) is missing")
         data = await upload.read(max_bytes + 1)
-        fields: dict[str, Any] = {k: form.get(k) for k in ("model", "crf", "bg_threshold")}
+        fields: dict[str, Any] = {k: form.get(k) for k in ("model", "crf", "bg_threshold", "label_threshold")}
         outputs = [v for v in form.getlist("outputs") if isinstance(v, str)]
         fields["outputs"] = ",".join(outputs) if outputs else None
         labels = split_labels(v for v in form.getlist("labels") if isinstance(v, str))
@@ -139,13 +167,26 @@ async def _read_input(request: Request, max_bytes: int) -> _Input:
             raise Problem("bad_request", "image_base64 is not valid base64") from None
         raw = body.get("labels")
         labels = split_labels([raw] if raw is not None else [])
-        fields = {k: body.get(k) for k in ("model", "crf", "bg_threshold", "outputs")}
+        fields = {k: body.get(k) for k in ("model", "crf", "bg_threshold", "outputs", "label_threshold")}
         return _Input(data, str(body.get("filename") or "image"), labels, parse_options(fields))
     raise Problem(
         "unsupported_media",
         f"request content type {ctype or 'none'!r}: send multipart/form-data with "
         "an 'image' file field, or JSON with 'image_base64'",
     )
+
+
+def _with_auto(inp: _Input) -> _Input:
+    """``labels=auto`` (any case, alone) switches the options to the classifier's labels."""
+    if is_auto(inp.labels):
+        return replace(inp, labels=[AUTO_LABELS], options=replace(inp.options, labels=AUTO_LABELS))
+    if any(is_auto(label) for label in inp.labels):
+        raise Problem(
+            "invalid_option",
+            "labels: 'auto' cannot be mixed with class names; give either the classes or auto",
+            extra={"field": "labels"},
+        )
+    return inp
 
 
 def _probe(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
@@ -192,7 +233,8 @@ def _start_single_job(
     path.write_bytes(inp.image)
     job_dir(runner.settings.results_dir, jid).mkdir(parents=True, exist_ok=True)
     item = JobItem(index=0, id=item_id, image=str(path.resolve()), labels=channels)
-    dataset = {"kind": "single", "filename": inp.filename, "labels_requested": list(inp.labels)}
+    requested: list[str | int] | str = AUTO_LABELS if inp.options.auto_labels else list(inp.labels)
+    dataset = {"kind": "single", "filename": inp.filename, "labels_requested": requested}
     return start_job(
         runner, job_id=jid, card=card, options=inp.options, items=[item], dataset=dataset, kind="single"
     )
@@ -212,7 +254,7 @@ async def pseudo_label(
     request: Request, settings: SettingsDep, runner: RunnerDep, metrics: MetricsDep
 ) -> Response:
     """One image + its image-level labels -> mask (PNG, base64) and the requested extras."""
-    inp = await _read_input(request, settings.max_upload_bytes)
+    inp = _with_auto(await _read_input(request, settings.max_upload_bytes))
     if not inp.labels:
         raise Problem(
             "no_labels",
@@ -222,7 +264,7 @@ async def pseudo_label(
     info = _probe(inp.image, settings.max_upload_bytes, settings.max_pixels)
     cards = await anyio.to_thread.run_sync(runner.models)
     card = resolve_model(cards, inp.options.model, default_model_id(settings))
-    channels = resolve_labels(card, inp.labels)
+    channels = () if inp.options.auto_labels else resolve_labels(card, inp.labels)
     if _wants_async(request):
         job = await anyio.to_thread.run_sync(lambda: _start_single_job(runner, inp, info, card, channels))
         return JSONResponse(
@@ -239,13 +281,15 @@ async def pseudo_label(
     task = {
         "request_id": rid,
         "model": str(card["id"]),
-        "labels": list(channels),
-        "labels_requested": list(inp.labels),
+        "labels": AUTO_LABELS if inp.options.auto_labels else list(channels),
+        "labels_requested": AUTO_LABELS if inp.options.auto_labels else list(inp.labels),
         "crf": inp.options.crf,
         "bg_threshold": inp.options.bg_threshold,
         "outputs": list(inp.options.outputs),
         "enqueued_at": time.time(),
     }
+    if inp.options.auto_labels:
+        task["label_threshold"] = inp.options.effective_label_threshold
     result = await runner.pseudo_label(task, inp.image, settings.sync_timeout_s)
     err = result.get("error")
     if isinstance(err, dict):

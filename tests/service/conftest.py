@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from svclib import N_TRAIN, SIZE, Model, Service, cleanup_redis, service_env  # noqa: E402
+from svclib import N_TRAIN, SIZE, Model, Service, running_service  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -56,25 +55,8 @@ def svc(
 ) -> Iterator[Service]:
     """The service in one mode, started once per module (and per mode)."""
     mode = request.param
-    tmp = tmp_path_factory.mktemp(f"svc-{mode}")
-    queue = f"hsc-svctest-{secrets.token_hex(4)}"
-    s = Service(
-        mode, service_env(mode, model, dataset, tmp / "results", queue), tmp, tmp / "results", model, dataset
-    )
-    try:
-        if mode == "broker":
-            s.start_worker()
-        s.start_api()
-        s.wait_ready()
+    with running_service(mode, model, dataset, tmp_path_factory.mktemp(f"svc-{mode}")) as s:
         yield s
-    except BaseException:
-        print(s.logs())
-        raise
-    finally:
-        s.close()
-        if mode == "broker":
-            cleanup_redis(queue, model.id, s.worker_names)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -8,13 +8,15 @@ import io
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,3 +318,29 @@ def service_env(
         env["HSC_REDIS_URL"] = REDIS_URL
     env.update(extra)
     return base_env(env)
+
+
+@contextmanager
+def running_service(
+    mode: str, model: Model, dataset: Path, tmp: Path, prefix: str = "hsc-svctest"
+) -> Iterator[Service]:
+    """A ready service in ``mode`` ("embedded" or "broker": a Celery worker too) under ``tmp`` (removed
+    afterwards), its logs printed when the block fails, its Redis keys removed."""
+    queue = f"{prefix}-{secrets.token_hex(4)}"
+    s = Service(
+        mode, service_env(mode, model, dataset, tmp / "results", queue), tmp, tmp / "results", model, dataset
+    )
+    try:
+        if mode == "broker":
+            s.start_worker()
+        s.start_api()
+        s.wait_ready()
+        yield s
+    except BaseException:
+        print(s.logs())
+        raise
+    finally:
+        s.close()
+        if mode == "broker":
+            cleanup_redis(queue, model.id, s.worker_names)
+        shutil.rmtree(tmp, ignore_errors=True)
