@@ -120,7 +120,9 @@ def _worker(rank: int, world: int, path: str, queue) -> None:  # pragma: no cove
     try:
         banks = MomentumBanks(2, roi_dim=4, pixel_dim=3, generator=torch.Generator().manual_seed(100 + rank))
         banks.broadcast_(src=0)
-        queue.put((rank, {k: v.clone() for k, v in banks.banks().items()}))
+        # numpy, not tensors: torch pickles a tensor as a file descriptor served by this process,
+        # which is gone if it exits before the parent reads the queue (EOFError seen in CI)
+        queue.put((rank, {k: v.numpy().copy() for k, v in banks.banks().items()}))
     finally:
         dist.destroy_process_group()
 
@@ -138,5 +140,5 @@ def test_broadcast_makes_ranks_identical(tmp_path):
         assert p.exitcode == 0
     want = MomentumBanks(2, roi_dim=4, pixel_dim=3, generator=torch.Generator().manual_seed(100))
     for name in BANK_NAMES:
-        assert torch.equal(results[0][name], getattr(want, name))
-        assert torch.equal(results[1][name], getattr(want, name))
+        assert torch.equal(torch.from_numpy(results[0][name]), getattr(want, name))
+        assert torch.equal(torch.from_numpy(results[1][name]), getattr(want, name))
