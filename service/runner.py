@@ -308,7 +308,7 @@ class BrokerRunner(Runner):
             await anyio.to_thread.run_sync(
                 lambda: self._send(TASK_PSEUDO_LABEL, [request], PRIORITY_IMAGE, expires=timeout)
             )
-            # The wait is bounded by BLPOP's own timeout; fail_after only guards against a silent
+            # The wait is bounded by BLPOP's own timeout; move_on_after only guards against a silent
             # network partition (the blocking client has no socket timeout).
             got = None
             with anyio.move_on_after(timeout + BLPOP_GRACE_S):
