@@ -29,7 +29,8 @@ RUN pip install \
         "pydantic-settings>=2.7" \
         "celery[redis]>=5.4" \
         "redis>=5" \
-        "prometheus-client>=0.20"
+        "prometheus-client>=0.20" \
+        "httpx>=0.27"
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -13,13 +13,13 @@ Two stores keep the same promises (the tests run one suite over both):
 * :class:`RedisJobStore` (broker mode): keys ``<prefix>:job:<id>`` (hash of JSON values),
   ``...:items`` (list), ``...:ids`` (hash id -> index), ``...:state`` (hash index -> state, set
   with ``HSETNX``), ``...:done|failed|skipped`` (sorted sets of indices, their sizes are the
-  counts), ``...:errors``, ``...:cancel``; ``<prefix>:jobs`` (the ids, sorted) and
+  counts), ``...:errors``, ``...:cancel``, ``...:once``; ``<prefix>:jobs`` (the ids, sorted) and
   ``<prefix>:idem:<sha256 of the key>``. Multi-key steps are Lua scripts, so they are atomic.
 * :class:`FileJobStore` (embedded mode): one folder per job under ``<root>/jobs/<id>/`` with
   ``record.json`` (replaced atomically), ``items.jsonl`` + ``items.idx`` (byte offsets),
-  ``states.bin`` (one byte per item), ``errors.jsonl`` and a ``cancel`` marker. Writers hold an
-  ``fcntl.flock`` on the job's ``lock`` file, so processes sharing the folder never lose a mark or
-  an update; a job folder appears (and disappears) with one ``rename``.
+  ``states.bin`` (one byte per item), ``errors.jsonl``, a ``cancel`` marker and ``once.*`` markers.
+  Writers hold an ``fcntl.flock`` on the job's ``lock`` file, so processes sharing the folder never
+  lose a mark or an update; a job folder appears (and disappears) with one ``rename``.
 
 Job ids sort by creation time (:func:`new_job_id`); :meth:`JobStore.list_jobs` lists newest first
 and pages with the last id seen as the cursor.
@@ -355,6 +355,11 @@ class JobStore(ABC):
         pending."""
 
     @abstractmethod
+    def claim_once(self, job_id: str, name: str) -> bool:
+        """True the first time ``name`` is claimed for the job, False after (in any process): what
+        several senders use to do a thing once, e.g. deliver a webhook. Removed with the job."""
+
+    @abstractmethod
     def claim_idempotency(self, key: str, fingerprint: str, job_id: str, ttl_s: float) -> Claim:
         """None when ``key`` was new (now bound to ``job_id`` for ``ttl_s``); else the bound job id and
         whether ``fingerprint`` matches the one stored with it."""
@@ -459,6 +464,12 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
 
+_LUA_ONCE = """
+-- KEYS: record, once hash ; ARGV: name, now
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+"""
+
 _LUA_RELEASE = """
 -- KEYS: idempotency key ; ARGV: job id
 local v = redis.call('GET', KEYS[1])
@@ -488,6 +499,7 @@ class RedisJobStore(JobStore):
         self._finish = client.register_script(_LUA_FINISH)
         self._claim = client.register_script(_LUA_CLAIM)
         self._release = client.register_script(_LUA_RELEASE)
+        self._once = client.register_script(_LUA_ONCE)
 
     # keys
     def _k(self, job_id: str, part: str | None = None) -> str:
@@ -495,7 +507,7 @@ class RedisJobStore(JobStore):
         return base if part is None else f"{base}:{part}"
 
     def _keys(self, job_id: str) -> list[str]:
-        parts = ("items", "ids", "state", *FINAL_STATES, "errors", "cancel")
+        parts = ("items", "ids", "state", *FINAL_STATES, "errors", "cancel", "once")
         return [self._k(job_id)] + [self._k(job_id, p) for p in parts]
 
     @property
@@ -517,7 +529,7 @@ class RedisJobStore(JobStore):
                 if pipe.exists(key):
                     raise ValueError(f"job {job_id} exists")
                 pipe.multi()
-                for part in ("items", "ids", "state", *FINAL_STATES, "errors", "cancel"):
+                for part in ("items", "ids", "state", *FINAL_STATES, "errors", "cancel", "once"):
                     pipe.delete(self._k(job_id, part))  # leftovers of a half-deleted job
                 for s in range(0, len(items), 1000):
                     chunk = items[s : s + 1000]
@@ -716,6 +728,14 @@ class RedisJobStore(JobStore):
         if int(res[0]) < 0:
             raise KeyError(job_id)
         return _text(res[1]) if int(res[0]) == 1 else None
+
+    def claim_once(self, job_id: str, name: str) -> bool:
+        if not is_safe_name(job_id):
+            raise KeyError(job_id)
+        res = int(self._once(keys=[self._k(job_id), self._k(job_id, "once")], args=[name, time.time()]))
+        if res < 0:
+            raise KeyError(job_id)
+        return res == 1
 
     def claim_idempotency(self, key: str, fingerprint: str, job_id: str, ttl_s: float) -> Claim:
         value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
@@ -1034,6 +1054,15 @@ class FileJobStore(JobStore):
             rec["finished_at"] = time.time()
             _write_atomic(d / "record.json", json.dumps(rec).encode("utf-8"))
             return rec["status"]
+
+    def claim_once(self, job_id: str, name: str) -> bool:
+        marker = "once." + hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
+        with self._locked(job_id) as d:
+            try:
+                os.close(os.open(d / marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                return False
+            return True
 
     @contextmanager
     def _idem_locked(self) -> Iterator[None]:

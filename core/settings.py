@@ -81,6 +81,14 @@ class Settings(BaseSettings):
         default_factory=list, description="accepted API keys (X-API-Key or Bearer); none: auth off"
     )
     embedded_workers: int = Field(default=1, ge=1, description="pool processes in embedded mode")
+    # --- job webhooks
+    webhook_progress_interval_s: float = Field(
+        default=5.0, gt=0, description="at most one 'progress' webhook per job in this many seconds"
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="time limit of one webhook POST")
+    webhook_attempts: int = Field(
+        default=5, ge=1, le=10, description="tries of one webhook delivery (connection errors, 5xx)"
+    )
     # --- worker (Celery)
     queue: str = Field(default="hsc", description="Celery queue the API sends to and workers read")
     worker_concurrency: int = Field(default=1, ge=1)

@@ -21,8 +21,9 @@ from hsc.core.settings import Settings, get_settings
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
-from .routes import health, jobs, labelstudio, pseudo_label
+from .routes import health, jobs, labelstudio, pseudo_label, ui
 from .runner import Runner, make_runner
+from .webhooks import WebhookDispatcher
 
 __all__ = ["app_factory", "create_app", "run_server"]
 
@@ -35,7 +36,7 @@ DESCRIPTION = """Pseudo-labels for weakly supervised semantic segmentation: HSC 
 masks and annotation-tool encodings (Label Studio brush RLE, COCO RLE, CVAT) from image-level labels.
 
 Errors are `application/problem+json` with a stable `code`. With API keys configured every route but
-`/healthz` needs `X-API-Key: <key>` or `Authorization: Bearer <key>`."""
+`/healthz` (and the web page at `/ui`) needs `X-API-Key: <key>` or `Authorization: Bearer <key>`."""
 
 
 def _count_jobs(store: JobStore) -> dict[tuple[str, ...], float]:
@@ -92,6 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.results_dir.mkdir(parents=True, exist_ok=True)
         runner = make_runner(settings)
         await runner.start()
+        webhooks = WebhookDispatcher(runner.store, settings)
+        await webhooks.start()
+        runner.job_listeners.append(webhooks.watch)
         app.state.runner = runner
         log.info(
             "hsc API ready (%s mode, queue %r, results %s)", runner.mode, settings.queue, settings.results_dir
@@ -100,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.runner = None
+            await webhooks.close()
             await runner.close()
 
     app = FastAPI(title="hsc", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -113,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(labelstudio.router)
+    app.include_router(ui.router)
     return app
 
 

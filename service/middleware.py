@@ -1,7 +1,8 @@
 """One ASGI middleware in front of every route: request id, API-key check, body size limit, metrics.
 
 - Every response carries ``X-Request-ID`` (the id problem bodies and logs quote).
-- With ``settings.api_keys`` set, every path but ``/healthz`` needs ``X-API-Key: <key>`` or
+- With ``settings.api_keys`` set, every path but ``/healthz`` (and a GET of the web page and its static
+  files, :data:`hsc.service.routes.ui.PUBLIC_PATHS`, which hold no data) needs ``X-API-Key: <key>`` or
   ``Authorization: Bearer <key>``; otherwise 401 ``unauthenticated`` with ``WWW-Authenticate: Bearer``.
   The Label Studio routes (:data:`BASIC_AUTH_PREFIX`, and ``/health``) also take HTTP Basic, the only
   auth Label Studio sends to an ML backend: any user name, the key as the password.
@@ -27,12 +28,14 @@ from hsc.core.settings import Settings
 
 from .errors import Problem, problem_response
 from .metrics import Metrics
+from .routes.ui import PUBLIC_PATHS as UI_PATHS
 
 __all__ = [
     "BASIC_AUTH_PATHS",
     "BASIC_AUTH_PREFIX",
     "FORM_SLACK_BYTES",
     "OPEN_PATHS",
+    "is_open",
     "ServiceMiddleware",
     "new_request_id",
 ]
@@ -44,6 +47,12 @@ BASIC_AUTH_PREFIX = "/integrations/label-studio"
 BASIC_AUTH_PATHS = frozenset({"/health"})
 #: Room for the multipart framing and the small fields beside the file.
 FORM_SLACK_BYTES = 1024 * 1024
+
+
+def is_open(method: str, path: str) -> bool:
+    """Whether the request needs no API key: ``/healthz``, or a GET/HEAD of exactly one of the web
+    page's paths (matched whole, never as a prefix)."""
+    return path in OPEN_PATHS or (method in ("GET", "HEAD") and path in UI_PATHS)
 
 
 def new_request_id() -> str:
@@ -114,7 +123,7 @@ class ServiceMiddleware:
         try:
             headers = Headers(scope=scope)
             path = scope["path"]
-            if path not in OPEN_PATHS and not self.authorised(headers, path):
+            if not is_open(scope["method"], path) and not self.authorised(headers, path):
                 basic = _basic_allowed(path)
                 await self._refuse(
                     scope,

@@ -5,7 +5,8 @@ Labels are class names (case-insensitive) or integer indices in the VOC label sp
 **channel indices** (``label - 1``) the worker takes. ``labels=auto`` (any case) asks the model's
 image-level classifier instead: the classes with a probability >= ``label_threshold`` (default 0.5;
 the top-1 when none reaches it). In a job's ``options``, ``"labels": "auto"`` replaces the items' own
-labels.
+labels. A job's ``options`` may also hold a ``webhook`` (:func:`parse_webhook`); its secret is kept
+out of :meth:`Options.as_dict` and out of every answer (:func:`redact_webhook`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
+from urllib.parse import urlsplit
 
 from hsc.core.results import parse_outputs
 from hsc.core.settings import Settings
@@ -24,11 +26,16 @@ from .errors import Problem
 __all__ = [
     "AUTO_LABELS",
     "DEFAULT_LABEL_THRESHOLD",
+    "JOB_OPTION_FIELDS",
     "OPTION_FIELDS",
     "Options",
+    "WEBHOOK_EVENTS",
+    "WebhookSpec",
     "is_auto",
     "parse_bool",
     "parse_options",
+    "parse_webhook",
+    "redact_webhook",
     "default_model_id",
     "resolve_labels",
     "resolve_model",
@@ -38,10 +45,85 @@ __all__ = [
 _TRUE = {"1", "true", "yes", "on", "t", "y"}
 _FALSE = {"0", "false", "no", "off", "f", "n"}
 OPTION_FIELDS = ("model", "crf", "bg_threshold", "outputs", "labels", "label_threshold")
+#: A job's ``options`` also take a ``webhook``.
+JOB_OPTION_FIELDS = (*OPTION_FIELDS, "webhook")
+#: What a job webhook may ask for (``completed``: any final status, the body's job says which).
+WEBHOOK_EVENTS = ("started", "progress", "completed")
+#: Longest webhook URL and secret accepted.
+_MAX_URL, _MAX_SECRET = 2048, 256
 #: ``labels`` value asking for the classifier's labels (matched ignoring case and spaces).
 AUTO_LABELS = "auto"
 #: What the worker uses when ``label_threshold`` is not given.
 DEFAULT_LABEL_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class WebhookSpec:
+    """A job's ``webhook`` option: where to POST, which events, the HMAC secret (never shown back)."""
+
+    url: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    secret: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        return {"url": self.url, "events": list(self.events), "secret": self.secret}
+
+
+def redact_webhook(webhook: Any) -> Any:
+    """The stored webhook as GET /jobs shows it: the secret replaced by ``has_secret``."""
+    if not isinstance(webhook, Mapping):
+        return webhook
+    out = {k: v for k, v in webhook.items() if k != "secret"}
+    out["has_secret"] = bool(webhook.get("secret"))
+    return out
+
+
+def _webhook_problem(detail: str, field: str) -> Problem:
+    return Problem("invalid_option", detail, extra={"field": f"webhook.{field}" if field else "webhook"})
+
+
+def parse_webhook(value: Any) -> WebhookSpec | None:
+    """``{"url": "https://...", "events": [...], "secret": "..."}`` (events default to all), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _webhook_problem('webhook must be an object: {"url": "https://...", "events": [...]}', "")
+    unknown = sorted(set(value) - {"url", "events", "secret"})
+    if unknown:
+        raise _webhook_problem(
+            f"unknown webhook field(s) {', '.join(unknown)}; valid: url, events, secret", ""
+        )
+    url = value.get("url")
+    if not isinstance(url, str) or not url.strip() or len(url) > _MAX_URL:
+        raise _webhook_problem(f"webhook.url must be an http(s) URL of at most {_MAX_URL} characters", "url")
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise _webhook_problem(f"webhook.url {url!r} is not an http:// or https:// URL with a host", "url")
+    events = value.get("events", list(WEBHOOK_EVENTS))
+    if isinstance(events, str):
+        events = [e.strip() for e in events.split(",") if e.strip()]
+    if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
+        raise _webhook_problem(
+            f"webhook.events must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}", "events"
+        )
+    bad = sorted({e for e in events if e not in WEBHOOK_EVENTS})
+    if bad:
+        raise _webhook_problem(
+            f"unknown webhook event(s) {', '.join(map(repr, bad))}; valid: {', '.join(WEBHOOK_EVENTS)}",
+            "events",
+        )
+    secret = value.get("secret")
+    if secret is not None and (not isinstance(secret, str) or len(secret) > _MAX_SECRET):
+        raise _webhook_problem(
+            f"webhook.secret must be a string of at most {_MAX_SECRET} characters", "secret"
+        )
+    return WebhookSpec(
+        url=url.strip(), events=tuple(e for e in WEBHOOK_EVENTS if e in events), secret=secret or None
+    )
 
 
 def is_auto(labels: Any) -> bool:
@@ -61,6 +143,7 @@ class Options:
     outputs: tuple[str, ...] = ("mask",)
     labels: str | None = None  # "auto": the classifier's labels; None: the given ones
     label_threshold: float | None = None  # with labels="auto"; None: DEFAULT_LABEL_THRESHOLD
+    webhook: WebhookSpec | None = None  # jobs only; stored apart from ``as_dict`` (it holds a secret)
 
     @property
     def auto_labels(self) -> bool:
@@ -146,13 +229,14 @@ def _json_list(text: str, name: str) -> list[Any]:
 
 
 def parse_options(fields: Mapping[str, Any], *, strict: bool = False) -> Options:
-    """Options from form fields or a JSON object; ``strict`` refuses unknown keys (job ``options``)."""
+    """Options from form fields or a JSON object; ``strict`` (a job's ``options``) refuses unknown keys
+    and takes a ``webhook``."""
     if strict:
-        unknown = sorted(set(fields) - set(OPTION_FIELDS))
+        unknown = sorted(set(fields) - set(JOB_OPTION_FIELDS))
         if unknown:
             raise Problem(
                 "invalid_option",
-                f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(OPTION_FIELDS)}",
+                f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(JOB_OPTION_FIELDS)}",
                 extra={"field": unknown[0]},
             )
     model = fields.get("model")
@@ -168,6 +252,7 @@ def parse_options(fields: Mapping[str, Any], *, strict: bool = False) -> Options
         label_threshold=_threshold(
             fields.get("label_threshold"), "label_threshold", str(DEFAULT_LABEL_THRESHOLD)
         ),
+        webhook=parse_webhook(fields.get("webhook")) if strict else None,
     )
 
 

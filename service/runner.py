@@ -167,6 +167,16 @@ class Runner(ABC):
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
+        #: Called with a job id each time this process sends a job's chunks (the webhook dispatcher).
+        self.job_listeners: list[Callable[[str], None]] = []
+
+    def job_queued(self, job_id: str) -> None:
+        """Tell the listeners that ``job_id`` was (re)queued here; a listener's error is only logged."""
+        for listener in self.job_listeners:
+            try:
+                listener(job_id)
+            except Exception:  # noqa: BLE001
+                log.exception("job listener failed for %s", job_id)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once the event loop runs (app lifespan)."""

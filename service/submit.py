@@ -15,7 +15,7 @@ from typing import Any
 from hsc.core.jobs import TERMINAL, JobItem, new_job_id
 
 from .errors import Problem
-from .options import Options
+from .options import Options, redact_webhook
 from .runner import Runner, chunk_ranges
 
 __all__ = ["job_links", "job_view", "safe_item_id", "start_job"]
@@ -34,6 +34,7 @@ def job_links(job_id: str) -> dict[str, str]:
     base = f"/jobs/{job_id}"
     return {
         "self": base,
+        "events": f"{base}/events",
         "items": f"{base}/items",
         "archive": f"{base}/archive",
         "cancel": base,
@@ -43,10 +44,13 @@ def job_links(job_id: str) -> dict[str, str]:
 
 
 def job_view(job: Mapping[str, Any]) -> dict[str, Any]:
-    """The status object of D4: the record as the store gives it, plus ``links`` and ``finished``."""
+    """The status object of D4: the record as the store gives it, plus ``links`` and ``finished``; a
+    webhook's secret is left out."""
     out = dict(job)
     out["links"] = job_links(str(job["id"]))
     out["finished"] = job.get("status") in TERMINAL
+    if "webhook" in out:
+        out["webhook"] = redact_webhook(out["webhook"])
     return out
 
 
@@ -85,6 +89,8 @@ def start_job(
         "chunk_size": settings.job_chunk,
         "idempotency_key": idempotency_key,
     }
+    if options.webhook is not None:
+        record["webhook"] = options.webhook.as_record()
     runner.store.create_job(record, items)
     try:
         runner.enqueue_chunks(jid, chunk_ranges(range(len(items)), settings.job_chunk))
@@ -92,5 +98,6 @@ def start_job(
         # no half-sent job: chunks already sent find no record and end at once
         runner.store.delete_job(jid)
         raise
+    runner.job_queued(jid)
     job = runner.store.get_job(jid)
     return job_view(job if job is not None else record)

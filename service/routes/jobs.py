@@ -25,6 +25,7 @@ from hsc.core.archives import ArchiveError, extract_upload, items_from_index, it
 from hsc.core.datasets import DatasetError, DatasetIndex, open_manifest, open_voc
 from hsc.core.jobs import JOB_STATUSES, TERMINAL, JobItem, JobStore, is_safe_name, job_dir, new_job_id
 
+from .. import events
 from ..deps import RunnerDep, SettingsDep, StoreDep
 from ..errors import Problem
 from ..options import OPTION_FIELDS, Options, default_model_id, parse_options, resolve_model
@@ -414,6 +415,21 @@ _CREATE_BODY = {
                                 "crf": {"type": "boolean"},
                                 "bg_threshold": {"type": "number"},
                                 "outputs": {"type": "array", "items": {"type": "string"}},
+                                "webhook": {
+                                    "type": "object",
+                                    "required": ["url"],
+                                    "properties": {
+                                        "url": {"type": "string", "description": "http(s)"},
+                                        "events": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "string",
+                                                "enum": ["started", "progress", "completed"],
+                                            },
+                                        },
+                                        "secret": {"type": "string", "description": "HMAC key"},
+                                    },
+                                },
                             },
                         },
                     },
@@ -503,6 +519,27 @@ def get_job(job_id: str, store: StoreDep) -> dict[str, Any]:
     return job_view(_get_job(store, job_id))
 
 
+@router.get(
+    "/jobs/{job_id}/events",
+    summary="Job events (server-sent events)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(job_id: str, request: Request, store: StoreDep) -> StreamingResponse:
+    """``status`` (the job object), then ``progress``, ``item_failed``, and a final ``completed`` /
+    ``failed`` / ``cancelled``; then the stream ends. Event ids let a client resume with
+    ``Last-Event-ID``; a comment every 15 s keeps the connection open."""
+    import anyio
+
+    job = await anyio.to_thread.run_sync(_get_job, store, job_id)
+    stream = events.job_events(store, job, request, request.headers.get("last-event-id"))
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
 @router.delete(
     "/jobs/{job_id}",
     summary="Cancel a job, or purge a finished one",
@@ -544,6 +581,7 @@ def _requeue(runner: Runner, job_id: str) -> JSONResponse:
     store.clear_cancel(job_id)
     store.update(job_id, status="queued", finished_at=None, if_status=tuple(TERMINAL))
     runner.enqueue_chunks(job_id, chunk_ranges(pending, runner.settings.job_chunk))
+    runner.job_queued(job_id)
     return JSONResponse(
         job_view(_get_job(store, job_id)), status_code=202, headers={"Location": f"/jobs/{job_id}"}
     )

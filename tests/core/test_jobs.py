@@ -367,6 +367,20 @@ def test_delete_job(store):
     assert job["total"] == 1 and job["progress"]["failed"] == 0 and store.pending_indices(job_id) == [0]
 
 
+def test_claim_once(backend):
+    store, other_process = _make_store(*backend), _make_store(*backend)
+    job_id = make_job(store, 2)
+    assert store.claim_once(job_id, "webhook:completed:1.5") is True
+    assert store.claim_once(job_id, "webhook:completed:1.5") is False
+    assert other_process.claim_once(job_id, "webhook:completed:1.5") is False
+    assert other_process.claim_once(job_id, "webhook:completed:2.5") is True
+    with pytest.raises(KeyError):
+        store.claim_once(new_job_id(), "x")
+    store.delete_job(job_id)  # the claims go with the job
+    store.create_job({"id": job_id}, items(1))
+    assert store.claim_once(job_id, "webhook:completed:1.5") is True
+
+
 def test_idempotency_claims(store):
     key = f"key-{uuid.uuid4().hex}"
     assert store.claim_idempotency(key, "fp1", "job_A", ttl_s=60) is None

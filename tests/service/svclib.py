@@ -322,14 +322,14 @@ def service_env(
 
 @contextmanager
 def running_service(
-    mode: str, model: Model, dataset: Path, tmp: Path, prefix: str = "hsc-svctest"
+    mode: str, model: Model, dataset: Path, tmp: Path, prefix: str = "hsc-svctest", **extra: str
 ) -> Iterator[Service]:
     """A ready service in ``mode`` ("embedded" or "broker": a Celery worker too) under ``tmp`` (removed
-    afterwards), its logs printed when the block fails, its Redis keys removed."""
+    afterwards), its logs printed when the block fails, its Redis keys removed. ``extra``: more
+    environment (``HSC_...=value``) for its processes."""
     queue = f"{prefix}-{secrets.token_hex(4)}"
-    s = Service(
-        mode, service_env(mode, model, dataset, tmp / "results", queue), tmp, tmp / "results", model, dataset
-    )
+    env = service_env(mode, model, dataset, tmp / "results", queue, **extra)
+    s = Service(mode, env, tmp, tmp / "results", model, dataset)
     try:
         if mode == "broker":
             s.start_worker()
