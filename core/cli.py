@@ -21,6 +21,17 @@ def _version() -> str:
         return "0+unknown"
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hsc.training.demo import run_demo
 
@@ -94,6 +105,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         fast=args.fast,
         heatmaps=not args.no_heatmaps,
         crf_workers=args.crf_workers,
+        batch_images=args.batch_images,
         progress=not args.quiet,
     )
     print(
@@ -262,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--no-heatmaps", action="store_true", help="do not write heatmap images")
     inf.add_argument(
         "--crf-workers", type=int, default=1, help="CRF processes beside the network (default: 1)"
+    )
+    inf.add_argument(
+        "--batch-images",
+        type=_positive_int,
+        help="images of one size per network batch (default: 4 on CUDA, 1 on the CPU)",
     )
     inf.add_argument("--quiet", action="store_true", help="no progress bar")
     inf.set_defaults(handler=_cmd_infer)

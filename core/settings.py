@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     mode: Literal["exact", "fast"] = Field(default="exact", description="exact fp32, or fast bf16/fp16")
     crf_workers: int = Field(default=1, ge=0, description="CRF processes beside the network per worker")
+    batch_images: int = Field(
+        default=0,
+        ge=0,
+        description="images of one size per network batch in a job; 0: 4 on CUDA, 1 on the CPU",
+    )
     torch_threads: int = Field(
         default=0,
         ge=0,

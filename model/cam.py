@@ -226,56 +226,137 @@ def multiscale_cam(
         :class:`MultiScaleCAM`: ``cams`` (K_present, H, W) float32 on the network's device, each class
         divided by its maximum + 1e-5; ``classes`` their channel indices (ascending).
     """
+    (res,) = multiscale_cams(
+        net,
+        [image],
+        [labels],
+        scales=scales,
+        flip=flip,
+        mean=mean,
+        std=std,
+        return_passes=return_passes,
+        autocast_dtype=autocast_dtype,
+        channels_last=channels_last,
+        max_batch=None if batch_flips else 1,
+    )
+    return res
+
+
+class _ImageSum:
+    """One image of :func:`multiscale_cams`: its classes, label weights, running sum and passes."""
+
+    def __init__(self, labels: Any, num_classes: int | None, with_bg: bool, device: torch.device) -> None:
+        self.classes, weights = parse_labels(labels, num_classes)
+        self.n_fg = len(self.classes)
+        # channels to resize: the present classes (and the background, only to report it per pass)
+        self.channels = list(self.classes) + ([-1] if with_bg else [])
+        self.weighted = any(w != 1.0 for w in weights)
+        self.w_t = torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.total: Tensor | None = None
+        self.passes: list[CAMPass] = []
+
+
+def multiscale_cams(
+    net: CAMModel,
+    images: Sequence[np.ndarray],
+    labels: Sequence[Any],
+    *,
+    scales: Sequence[float] = OFFICIAL_SCALES,
+    flip: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    return_passes: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    max_batch: int | None = None,
+) -> list[MultiScaleCAM]:
+    """:func:`multiscale_cam` of several images of one size, their passes batched.
+
+    Each scale runs the images (and their flips) of the list through the network together, in
+    forwards of at most ``max_batch`` inputs (``None``: all ``len(images) * (1 + flip)`` at once;
+    ``1``: one input at a time, the official way). Everything after the network is per image and in
+    the official order, so each result is what :func:`multiscale_cam` gives for that image alone (up
+    to the convolution algorithm a batch size selects: last bits of float32). What a GPU gains: a
+    VOC image at scale 0.5 is a 250x188 input, far too small to fill an H100 alone.
+
+    Args:
+        images: (H, W, 3) uint8 RGB images, all of the same (H, W) (``ValueError`` otherwise).
+        labels: one entry per image, as the ``labels`` of :func:`multiscale_cam`.
+        max_batch: network inputs per forward, >= 1 or ``None``.
+        The others: as :func:`multiscale_cam`.
+
+    Returns:
+        one :class:`MultiScaleCAM` per image, in order.
+    """
     if isinstance(net, nn.Module) and net.training:
         raise ValueError("the network is in training mode (dropout active): call net.eval() first")
-    image = check_image(image)
-    num_classes = getattr(net, "num_classes", None)
-    classes, weights = parse_labels(labels, num_classes if isinstance(num_classes, int) else None)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} label sets")
+    if not images:
+        return []
+    if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) < 1):
+        raise ValueError(f"max_batch must be >= 1 or None, got {max_batch!r}")
+    checked = [check_image(im) for im in images]
+    height, width = checked[0].shape[:2]
+    for im in checked[1:]:
+        if im.shape[:2] != (height, width):
+            raise ValueError(
+                f"images of one batch must share their size: {im.shape[:2]} vs {(height, width)}"
+            )
     if not scales:
         raise ValueError("scales is empty")
-    height, width = image.shape[:2]
+    num_classes = getattr(net, "num_classes", None)
     device = _device_of(net)
-    n_fg = len(classes)
-    # channels to resize: the present classes (and the background, only to report it per pass)
-    channels = list(classes) + ([-1] if return_passes else [])
-    weighted = any(w != 1.0 for w in weights)
-    w_t = torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 1, 1)
+    views = 2 if flip else 1
 
-    total: Tensor | None = None
-    passes: list[CAMPass] = []
+    nc = num_classes if isinstance(num_classes, int) else None
+    states = [_ImageSum(lab, nc, return_passes, device) for lab in labels]
     with torch.inference_mode():
         for scale in scales:
-            x = normalize_image(_upload(resize_image(image, scale), device), mean, std, device)  # (3, h, w)
-            batch = torch.stack([x, x.flip(-1)]) if flip else x.unsqueeze(0)  # (n, 3, h, w)
+            xs: list[Tensor] = []
+            for im in checked:
+                x = normalize_image(_upload(resize_image(im, scale), device), mean, std, device)  # (3, h, w)
+                xs.extend([x, x.flip(-1)] if flip else [x])
+            batch = torch.stack(xs)  # (n * views, 3, h, w)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            if batch_flips or batch.shape[0] == 1:
-                logits = _forward_cam(net, batch, autocast_dtype)  # (n, K+1, h', w') float32
+            step = batch.shape[0] if max_batch is None else int(max_batch)
+            if step >= batch.shape[0]:
+                logits = _forward_cam(net, batch, autocast_dtype)  # (n * views, K+1, h', w') float32
             else:
-                logits = torch.cat([_forward_cam(net, b, autocast_dtype) for b in batch.split(1)])
+                logits = torch.cat([_forward_cam(net, b, autocast_dtype) for b in batch.split(step)])
             if logits.dim() != 4 or logits.shape[0] != batch.shape[0]:
                 raise ValueError(f"forward_cam returned shape {tuple(logits.shape)}, expected (N, K+1, h, w)")
             k = logits.shape[1] - 1
-            if classes[-1] >= k:
-                raise ValueError(f"class index {classes[-1]} out of range: the network has {k} classes")
             prob = torch.softmax(logits, dim=1)  # over all K+1 channels
-            idx = torch.tensor([c if c >= 0 else k for c in channels], device=prob.device)
-            maps = F.interpolate(
-                prob.index_select(1, idx), (height, width), mode="bilinear", align_corners=False
-            )  # (n, len(channels), H, W)
-            for i in range(maps.shape[0]):
-                m = maps[i].flip(-1) if i == 1 else maps[i]  # un-flip the flipped pass
-                fg = m[:n_fg] * w_t if weighted else m[:n_fg]
-                if total is None:
-                    total = fg.clone()
-                else:
-                    total += fg  # official order: s0, s0 flipped, s1, ... (float32)
-                if return_passes:
-                    size = (3, int(batch.shape[2]), int(batch.shape[3]))
-                    passes.append(CAMPass(float(scale), i == 1, size, fg, m[n_fg]))
-        assert total is not None
-        cams = total / (total.amax(dim=(1, 2), keepdim=True) + NORM_EPS)
-    return MultiScaleCAM(cams, classes, tuple(passes))
+            size = (3, int(batch.shape[2]), int(batch.shape[3]))
+            for j, st in enumerate(states):
+                if st.classes[-1] >= k:
+                    raise ValueError(
+                        f"class index {st.classes[-1]} out of range: the network has {k} classes"
+                    )
+                idx = torch.tensor([c if c >= 0 else k for c in st.channels], device=prob.device)
+                maps = F.interpolate(
+                    prob[j * views : (j + 1) * views].index_select(1, idx),
+                    (height, width),
+                    mode="bilinear",
+                    align_corners=False,
+                )  # (views, len(channels), H, W)
+                for i in range(views):
+                    m = maps[i].flip(-1) if i == 1 else maps[i]  # un-flip the flipped pass
+                    fg = m[: st.n_fg] * st.w_t if st.weighted else m[: st.n_fg]
+                    if st.total is None:
+                        st.total = fg.clone()
+                    else:
+                        st.total += fg  # official order: s0, s0 flipped, s1, ... (float32)
+                    if return_passes:
+                        st.passes.append(CAMPass(float(scale), i == 1, size, fg, m[st.n_fg]))
+        out = []
+        for st in states:
+            assert st.total is not None
+            cams = st.total / (st.total.amax(dim=(1, 2), keepdim=True) + NORM_EPS)
+            out.append(MultiScaleCAM(cams, st.classes, tuple(st.passes)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

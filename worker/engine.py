@@ -13,7 +13,8 @@ a temporary name and a rename, so the json's existence means the item is complet
 again after a crash marks such items done without computing them, and skips items already final.
 A bad image fails that item (its code in the job's errors), never the chunk. The cancel flag is read
 between images. With the CRF on and ``settings.crf_workers > 0``, the CRF of each image runs in a
-process pool while the network works on the next image (:meth:`Predictor.predict_many`).
+process pool while the network works on the next image, and on a GPU up to ``batch_images`` images
+of one size share the network's forwards (:meth:`Predictor.predict_many`).
 
 Labels predicted by the classifier: a request (or a job's ``options``) with ``"labels": "auto"`` and
 an optional ``"label_threshold"`` (default 0.5) lets :meth:`Predictor.predict` choose the classes
@@ -148,7 +149,9 @@ class Engine:
             if model_id in loaded:
                 raise ValueError(f"two checkpoints with the model id {model_id!r}: {paths[model_id]}, {path}")
             t0 = time.perf_counter()
-            loaded[model_id] = Predictor.from_checkpoint(path, device=settings.device, mode=settings.mode)
+            loaded[model_id] = Predictor.from_checkpoint(
+                path, device=settings.device, mode=settings.mode, batch_images=settings.batch_images or None
+            )
             paths[model_id] = str(Path(path).resolve())
             log.info("loaded model %s from %s in %.1f s", model_id, path, time.perf_counter() - t0)
         if not loaded:
@@ -529,7 +532,8 @@ class Engine:
         passthrough: tuple[type[BaseException], ...],
     ) -> None:
         pending: Iterator[JobItem] = iter(todo)
-        if opts.crf and self.settings.crf_workers > 0 and len(todo) > 1:
+        pipelined = opts.crf and self.settings.crf_workers > 0
+        if len(todo) > 1 and (pipelined or opts.predictor.batch_images > 1):
             left = self._run_pipelined(store, job_id, jdir, pending, opts, state, passthrough)
             if left is None:
                 return
@@ -564,7 +568,9 @@ class Engine:
         state: _ChunkState,
         passthrough: tuple[type[BaseException], ...],
     ) -> list[JobItem] | None:
-        """The CRF of each image in ``crf_workers`` processes while the network works on the next.
+        """:meth:`Predictor.predict_many` over the items: up to ``batch_images`` images of one size
+        share the network's forwards, and the CRF of each image runs in ``crf_workers`` processes
+        while the network works on the next.
 
         Returns None when every item was handled, else the items to run one by one: after an error
         inside the pipeline, whose item cannot be told, the images in flight and the rest go through
@@ -592,7 +598,7 @@ class Engine:
 
         stream = opts.predictor.predict_many(
             inputs(),
-            crf=True,
+            crf=opts.crf,
             crf_workers=self.settings.crf_workers,
             bg_threshold=opts.bg_threshold,
             outputs=opts.predictor_outputs,
@@ -607,7 +613,7 @@ class Engine:
                 except passthrough:
                     raise
                 except Exception as e:
-                    log.warning("job %s: CRF pipeline stopped (%s: %s); going on image by image",
+                    log.warning("job %s: batched pipeline stopped (%s: %s); going on image by image",
                                 job_id, type(e).__name__, e)  # fmt: skip
                     return current + [x[0] for x in inflight] + list(pending)
                 item, info, t_decode = inflight.popleft()

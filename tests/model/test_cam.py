@@ -24,6 +24,7 @@ from hsc.model.cam import (
     crf_to_label,
     crf_unary_scores,
     multiscale_cam,
+    multiscale_cams,
     normalize_image,
     parse_labels,
     resize_image,
@@ -457,3 +458,57 @@ def test_parse_labels_forms():
     assert parse_labels(np.array([0, 1, 0, 0, 1], np.float32), 5) == ((1, 4), (1.0, 1.0))
     assert parse_labels(torch.tensor([True, False, True]), 3) == ((0, 2), (1.0, 1.0))
     assert parse_labels([0.0, 1e-6, 0.5], 3) == ((2,), (0.5,))
+
+
+# ----------------------------------------------------------------------------- several images at once
+
+
+@pytest.mark.parametrize("max_batch", [None, 1, 4])
+def test_batched_images_equal_one_at_a_time(max_batch):
+    net = tiny_net()
+    imgs = [random_image(23, 31, seed) for seed in range(3)]
+    labels = [[3], [0, 2, 4], [1]]  # a different label set for each image
+    batched = multiscale_cams(
+        net, imgs, labels, scales=(0.5, 1.0, 1.5), max_batch=max_batch, return_passes=True
+    )
+    assert len(batched) == 3
+    for img, lab, got in zip(imgs, labels, batched):
+        alone = multiscale_cam(net, img, lab, scales=(0.5, 1.0, 1.5), return_passes=True)
+        assert got.classes == alone.classes == tuple(sorted(lab))
+        torch.testing.assert_close(got.cams, alone.cams, rtol=0, atol=1e-5)
+        assert [(p.scale, p.flipped, p.input_size) for p in got.passes] == [
+            (p.scale, p.flipped, p.input_size) for p in alone.passes
+        ]
+        for a, b in zip(got.passes, alone.passes):
+            torch.testing.assert_close(a.fg, b.fg, rtol=0, atol=1e-5)
+            torch.testing.assert_close(a.bg, b.bg, rtol=0, atol=1e-5)
+
+
+def test_batched_images_without_flip_and_the_forwards_they_take():
+    calls: list[int] = []
+
+    class Counting(RampStub):
+        def forward_cam(self, x):
+            calls.append(x.shape[0])
+            return super().forward_cam(x)
+
+    net = Counting([1.0, -0.5, 0.3], [0.1, 0.0, -0.2]).eval()
+    imgs = [random_image(8, 10, s) for s in range(3)]
+    multiscale_cams(net, imgs, [[0]] * 3, scales=(1.0, 2.0), flip=True, max_batch=4)
+    assert calls == [4, 2, 4, 2]  # 6 inputs per scale, in forwards of at most 4
+    calls.clear()
+    out = multiscale_cams(net, imgs, [[1]] * 3, scales=(1.0,), flip=False)
+    assert calls == [3]
+    for img, got in zip(imgs, out):
+        torch.testing.assert_close(got.cams, multiscale_cam(net, img, [1], scales=(1.0,), flip=False).cams)
+
+
+def test_batched_images_must_share_a_size_and_match_their_labels():
+    net = tiny_net()
+    with pytest.raises(ValueError, match="share their size"):
+        multiscale_cams(net, [random_image(8, 8), random_image(8, 9)], [[0], [0]])
+    with pytest.raises(ValueError, match="2 images but 1 label sets"):
+        multiscale_cams(net, [random_image(8, 8)] * 2, [[0]])
+    with pytest.raises(ValueError, match="max_batch"):
+        multiscale_cams(net, [random_image(8, 8)], [[0]], max_batch=0)
+    assert multiscale_cams(net, [], []) == []

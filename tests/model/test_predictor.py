@@ -409,6 +409,92 @@ def test_predict_many_with_a_crf_process_pool_equals_predict():
         list(p.predict_many(items, crf=True, crf_workers=-1))
 
 
+def _mixed_size_items() -> list[tuple[np.ndarray, object]]:
+    """Five images in two sizes, interleaved; one with labels="auto"."""
+    sizes = [(30, 41), (33, 40), (30, 41), (30, 41), (33, 40)]
+    labels: list[object] = [["bus"], ["dog", "cat"], "auto", ["person"], ["train", "sofa", "cow"]]
+    return [(image(h, w, seed=i), lab) for i, ((h, w), lab) in enumerate(zip(sizes, labels))]
+
+
+@pytest.mark.parametrize("crf_workers", [0, 1])
+def test_predict_many_batches_images_of_one_size_and_equals_predict(crf_workers):
+    p = voc_predictor()
+    items = _mixed_size_items()
+    seq = [p.predict(img, lab, crf=True) for img, lab in items]
+    calls: list[int] = []
+    forward = p._cam_net.forward_cam
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return forward(x)
+
+    p._cam_net.forward_cam = counting  # type: ignore[method-assign]
+    try:
+        got = list(p.predict_many(items, crf=True, crf_workers=crf_workers, batch_images=3))
+    finally:
+        del p._cam_net.forward_cam
+    # windows [0, 1, 2] and [3, 4]: per scale, the 41x30 pair (two images x flip) in one forward;
+    # an image alone runs its two inputs one at a time (the CPU's batch_flips=False), so 40x33 in
+    # the first window, then 41x30 and 40x33 in the second; plus the "auto" image's classifier pass
+    assert sorted(calls) == sorted([1] + [4] * 4 + [1] * 8 + [1] * 16)
+    assert len(got) == len(items)
+    for s, g, (img, _) in zip(seq, got, items):
+        assert g.image_size == img.shape[:2] and g.classes == s.classes
+        np.testing.assert_allclose(g.cams, s.cams, rtol=0, atol=1e-5)
+        assert float((g.mask == s.mask).mean()) >= 0.999
+        assert g.timings["network"] > 0 and g.settings["batch_images"] == 1  # the predictor's default
+    assert got[2].labels_source == "predicted"
+
+
+def test_batch_images_defaults_and_checks():
+    p = voc_predictor()
+    assert p.batch_images == 1  # CPU
+    net = small_net()
+    assert (
+        Predictor(net, ModelInfo(net=HSCNetConfig(width=W)), device="cpu", batch_images=3).batch_images == 3
+    )
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch_images"):
+            Predictor(small_net(), ModelInfo(net=HSCNetConfig(width=W)), device="cpu", batch_images=bad)
+        with pytest.raises(ValueError, match="batch_images"):
+            list(p.predict_many([(image(), ["dog"])], batch_images=bad))
+
+
+def test_out_of_memory_splits_the_batch_and_keeps_the_smaller_size():
+    p = Predictor(small_net(), ModelInfo(net=HSCNetConfig(width=W)), device="cpu", batch_images=4)
+    items = [(image(30, 41, seed=i), ["dog"]) for i in range(4)]
+    want = [p.predict(img, lab) for img, lab in items]
+    forward = p._cam_net.forward_cam
+    seen: list[int] = []
+
+    def small_memory(x):  # two inputs (one image and its flip) fit, more do not
+        seen.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(x)
+
+    p._cam_net.forward_cam = small_memory  # type: ignore[method-assign]
+    try:
+        with pytest.warns(RuntimeWarning, match="out of memory") as rec:
+            got = list(p.predict_many(items))
+    finally:
+        del p._cam_net.forward_cam
+    assert [str(w.message) for w in rec] == [
+        "out of memory with 4 images per batch: going on with 2",
+        "out of memory with 2 images per batch: going on with 1",
+    ]
+    assert p.batch_images == 1  # 4 -> 2 -> 1
+    assert seen[:2] == [8, 4]  # the first scale tried with 4 images, then with 2
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.cams, w.cams, rtol=0, atol=1e-5)
+    p._cam_net.forward_cam = lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("one image"))  # type: ignore[method-assign]
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            p.predict(items[0][0], ["dog"])  # one image that does not fit: the error goes up
+    finally:
+        del p._cam_net.forward_cam
+
+
 # ----------------------------------------------------------------------------- GPU
 
 

@@ -60,7 +60,8 @@ def test_rerun_skips_finished_images_and_redoes_missing_ones(setup, tmp_path):
     assert (third["done"], third["skipped_existing"]) == (1, 3) and victim.is_file()
 
 
-def test_a_corrupt_image_is_reported_and_skipped(setup, tmp_path):
+@pytest.mark.parametrize("batch_images", [None, 3])
+def test_a_corrupt_image_is_reported_and_skipped(setup, tmp_path, batch_images):
     data, ckpt = setup
     broken = tmp_path / "data"
     import shutil
@@ -68,9 +69,17 @@ def test_a_corrupt_image_is_reported_and_skipped(setup, tmp_path):
     shutil.copytree(data, broken)
     first = open_dataset(broken, split="val").items[0]
     first.image.write_bytes(b"\xff\xd8 not really a jpeg")
-    s = run_infer(ckpt, broken, tmp_path / "pred", split="val", progress=False, heatmaps=False)
+    kw = dict(split="val", progress=False, heatmaps=False, batch_images=batch_images)
+    s = run_infer(ckpt, broken, tmp_path / "pred", **kw)
     assert (s["done"], s["failed"]) == (3, 1)
     assert s["failures"][0]["id"] == first.id and "Error" in s["failures"][0]["error"]
+    assert s["settings"]["batch_images"] == (batch_images or 1)
+    if batch_images:  # the three good images went through one batch: same files as one at a time
+        ref = run_infer(ckpt, broken, tmp_path / "ref", **{**kw, "batch_images": None})
+        assert ref["done"] == 3
+        for it in open_dataset(broken, split="val").items[1:]:
+            a, b = (np.array(Image.open(tmp_path / d / "masks" / f"{it.id}.png")) for d in ("pred", "ref"))
+            assert float((a == b).mean()) >= 0.999
 
 
 def test_cli_infer_then_eval(setup, tmp_path):
@@ -90,6 +99,8 @@ def test_cli_infer_then_eval(setup, tmp_path):
             "val",
             "--quiet",
             "--no-heatmaps",
+            "--batch-images",
+            "2",
         ],
         capture_output=True,
         text=True,

@@ -311,6 +311,29 @@ def test_crf_pipeline_equals_one_by_one(engine_settings, ckpt, tmp_path):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("crf", [False, True])
+def test_batched_images_equal_one_by_one(engine_settings, ckpt, tmp_path, crf):
+    """``batch_images`` (HSC_BATCH_IMAGES; 4 by default on CUDA) runs same-size images of a chunk
+    through the network together: the same masks and CAMs, and a corrupt image still fails alone."""
+    batched = Engine(Settings(**{**engine_settings.model_dump(), "batch_images": 3}))
+    assert batched.predictors[ckpt.id].batch_images == 3
+    assert get_engine(engine_settings).predictors[ckpt.id].batch_images == 1  # 0 = auto: 1 on the CPU
+    images = write_images(tmp_path / "images", 5, corrupt=[3])
+    outs = {}
+    for name, eng in (("seq", get_engine(engine_settings)), ("batched", batched)):
+        store = FileJobStore(tmp_path / f"state-{name}")
+        job_id, _ = create_job(store, images, ckpt.id, options={"crf": crf, "outputs": ["cams"]})
+        out = eng.run_chunk(store, tmp_path / name, job_id, 0, 5)
+        assert (out["done"], out["failed"], out["status"]) == (4, 1, "partially_succeeded")
+        assert {e["item"] for e in store.get_job(job_id)["errors_sample"]} == {"item-3"}
+        outs[name] = job_dir(tmp_path / name, job_id)
+    for i in (0, 1, 2, 4):
+        a, b = (np.array(Image.open(outs[k] / "masks" / f"item-{i}.png")) for k in ("seq", "batched"))
+        assert float((a == b).mean()) >= 0.999
+        ca, cb = (np.load(outs[k] / "cams" / f"item-{i}.npz")["cams"] for k in ("seq", "batched"))
+        np.testing.assert_allclose(ca, cb, rtol=0, atol=1e-5)
+
+
 def test_a_broken_pipeline_falls_back_to_one_by_one(engine_settings, ckpt, tmp_path, monkeypatch):
     """An error inside the CRF pipeline (say, a CRF process that died) is nobody's item: the images in
     flight and the rest run one by one, and every one is done."""
