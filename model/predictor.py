@@ -769,7 +769,8 @@ class Predictor:
         share the network's forwards (:meth:`_run_networks`). With ``crf=True`` and
         ``crf_workers > 0`` the CRF of each image runs in a process pool while the network works on
         the next images (pydensecrf holds the GIL, so threads would not overlap); at most
-        ``crf_workers + 1`` images wait for their CRF after the window that holds them. The results
+        ``crf_workers + batch_images`` images wait for their CRF, so a window's CRFs run while the
+        network works on the next window. The results
         equal :meth:`predict`'s (batched forwards: to the last float32 bits); ``timings["crf"]`` is
         the CRF's time in its worker, ``timings["network"]`` the image's share of its batch.
         ``labels`` may be ``"auto"`` per item (see :meth:`predict`).
@@ -796,6 +797,8 @@ class Predictor:
                 ctx = multiprocessing.get_context("spawn")
                 pool = stack.enter_context(ProcessPoolExecutor(max_workers=crf_workers, mp_context=ctx))
             pending: deque[tuple[_Job, Future[tuple[np.ndarray, float]] | None]] = deque()
+            # CRFs in flight: a window's wait while the network runs the next window
+            lag = crf_workers + window - 1 if pooled else 0
 
             def done(job: _Job, fut: Future[tuple[np.ndarray, float]] | None) -> Prediction:
                 mask = None
@@ -826,7 +829,7 @@ class Predictor:
                             _crf_mask, job.image, job.cams, job.classes, job.crf_alpha, job.crf_iters
                         )
                     pending.append((job, fut))
-                    while len(pending) > (crf_workers if pooled else 0):
+                    while len(pending) > lag:
                         yield done(*pending.popleft())
             while pending:
                 yield done(*pending.popleft())

@@ -446,6 +446,29 @@ def test_predict_many_batches_images_of_one_size_and_equals_predict(crf_workers)
     assert got[2].labels_source == "predicted"
 
 
+def test_a_windows_crfs_run_while_the_network_works_on_the_next_window():
+    p = voc_predictor()
+    items = [(image(30, 41, seed=i), ["dog"]) for i in range(4)]
+    calls: list[int] = []
+    forward = p._cam_net.forward_cam
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return forward(x)
+
+    p._cam_net.forward_cam = counting  # type: ignore[method-assign]
+    try:
+        stream = p.predict_many(items, crf=True, crf_workers=1, batch_images=2)
+        first = next(stream)
+        forwards_before_first_result = len(calls)
+        rest = list(stream)
+    finally:
+        del p._cam_net.forward_cam
+    # 4 scales x one forward of 2 images x flip per window: both windows ran before the first result
+    assert forwards_before_first_result == 8 and calls == [4] * 8
+    assert len(rest) == 3 and all(r.mask is not None for r in [first, *rest])
+
+
 def test_batch_images_defaults_and_checks():
     p = voc_predictor()
     assert p.batch_images == 1  # CPU
