@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     webhook_attempts: int = Field(
         default=5, ge=1, le=10, description="tries of one webhook delivery (connection errors, 5xx)"
     )
+    webhook_hosts: StrList = Field(
+        default_factory=list,
+        description="hosts job webhooks may go to: names, *.domain, IP addresses or networks; none: any",
+    )
     # --- worker (Celery)
     queue: str = Field(default="hsc", description="Celery queue the API sends to and workers read")
     worker_concurrency: int = Field(default=1, ge=1)
@@ -121,7 +125,7 @@ class Settings(BaseSettings):
     ls_labels_field: str = Field(default="labels", description="task data field with the image-level labels")
     ls_predict_budget_s: float = Field(default=80.0, gt=0, description="time budget of one /predict call")
 
-    @field_validator("checkpoints", "allowed_roots", "api_keys", mode="before")
+    @field_validator("checkpoints", "allowed_roots", "api_keys", "webhook_hosts", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

@@ -11,6 +11,7 @@ out of :meth:`Options.as_dict` and out of every answer (:func:`redact_webhook`).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "parse_options",
     "parse_webhook",
     "redact_webhook",
+    "webhook_host_allowed",
     "default_model_id",
     "resolve_labels",
     "resolve_model",
@@ -67,6 +69,42 @@ class WebhookSpec:
 
     def as_record(self) -> dict[str, Any]:
         return {"url": self.url, "events": list(self.events), "secret": self.secret}
+
+
+def webhook_host_allowed(url: str, allowed: Sequence[str]) -> bool:
+    """Whether ``url``'s host is one of ``allowed`` (``HSC_WEBHOOK_HOSTS``); an empty list allows any.
+
+    An entry is a host name (any case; ``hooks.example.org``), ``*.example.org`` (its subdomains, not
+    the name itself), an IP address (``10.0.0.7``, ``::1``) or a network (``10.0.0.0/8``). Names are
+    compared as written, never resolved: ``localhost`` does not match ``127.0.0.1``.
+    """
+    if not allowed:
+        return True
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if not host:
+        return False
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for entry in allowed:
+        e = entry.strip().rstrip(".").lower()
+        if not e:
+            continue
+        if e.startswith("*."):
+            if ip is None and host.endswith(e[1:]):
+                return True
+            continue
+        if ip is not None:
+            try:
+                if ip in ipaddress.ip_network(e, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        if host == e:
+            return True
+    return False
 
 
 def redact_webhook(webhook: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 from hsc.core.jobs import TERMINAL, JobItem, new_job_id
 
 from .errors import Problem
-from .options import Options, redact_webhook
+from .options import Options, redact_webhook, webhook_host_allowed
 from .runner import Runner, chunk_ranges
 
 __all__ = ["job_links", "job_view", "safe_item_id", "start_job"]
@@ -74,6 +74,13 @@ def start_job(
             "too_large",
             f"{len(items)} images is over the limit of {settings.max_job_items} per job "
             "(HSC_MAX_JOB_ITEMS); split the dataset",
+        )
+    if options.webhook is not None and not webhook_host_allowed(options.webhook.url, settings.webhook_hosts):
+        raise Problem(
+            "forbidden",
+            f"webhook.url {options.webhook.url!r}: its host is not one the operator allows "
+            f"(HSC_WEBHOOK_HOSTS: {', '.join(settings.webhook_hosts)})",
+            extra={"field": "webhook.url"},
         )
     runner.check_queue("chunk")
     jid = job_id or new_job_id()

@@ -41,6 +41,7 @@ import httpx
 from hsc.core.jobs import TERMINAL, JobStore
 from hsc.core.settings import Settings
 
+from .options import webhook_host_allowed
 from .submit import job_view
 
 __all__ = ["WebhookDispatcher", "sign", "signature_headers"]
@@ -243,6 +244,11 @@ class WebhookDispatcher:
             **signature_headers(hook.get("secret"), delivery, int(now), body),
         }
         url = str(hook["url"])
+        if not webhook_host_allowed(url, self.settings.webhook_hosts):  # the setting changed since
+            log.warning(
+                "webhook %s of job %s to %s dropped: host not in HSC_WEBHOOK_HOSTS", event, job["id"], url
+            )
+            return False
         attempts = self.settings.webhook_attempts
         for attempt in range(1, attempts + 1):
             try:

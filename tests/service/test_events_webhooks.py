@@ -20,6 +20,8 @@ import httpx
 import pytest
 from svclib import Model, Service, image_bytes, running_service, upload_zip, wait_for
 
+from hsc.service.options import webhook_host_allowed
+
 PROBLEM = "application/problem+json"
 SECRET = "s3cr3t-for-tests"
 PROGRESS_S = 1.0
@@ -91,7 +93,11 @@ def svc(
 ) -> Iterator[Service]:
     mode = request.param
     tmp = tmp_path_factory.mktemp(f"events-{mode}")
-    extra = {"HSC_WEBHOOK_PROGRESS_INTERVAL_S": str(PROGRESS_S), "HSC_WEBHOOK_ATTEMPTS": "4"}
+    extra = {
+        "HSC_WEBHOOK_PROGRESS_INTERVAL_S": str(PROGRESS_S),
+        "HSC_WEBHOOK_ATTEMPTS": "4",
+        "HSC_WEBHOOK_HOSTS": "127.0.0.0/8,localhost,*.hooks.example",  # the receivers: 127.0.0.1
+    }
     with running_service(mode, model, dataset, tmp, **extra) as s:
         yield s
 
@@ -311,3 +317,64 @@ def test_bad_webhook_options(svc: Service) -> None:
         assert assert_problem(multipart, 422, "invalid_option")["field"] == field, webhook
         r = svc.client.post("/jobs", json={"dataset": dataset, "options": {"webhook": webhook}})
         assert assert_problem(r, 422, "invalid_option")["field"] == field, webhook
+
+
+def test_webhook_hosts_the_operator_does_not_allow_are_refused(svc: Service) -> None:
+    upload = archive_of(svc.dataset, 1)
+    before = len(svc.client.get("/jobs", params={"limit": 1000}).json()["jobs"])
+    for url in ("https://example.com/h", "http://192.168.1.5/h", "https://hooks.example/h"):
+        body = assert_problem(post_job(svc, upload, {"webhook": {"url": url}}), 403, "forbidden")
+        assert body["field"] == "webhook.url" and "HSC_WEBHOOK_HOSTS" in body["detail"], body
+    assert len(svc.client.get("/jobs", params={"limit": 1000}).json()["jobs"]) == before  # no job made
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed", "ok"),
+    [
+        ("https://a.example.org/x", [], True),  # no list: any host
+        ("https://a.example.org/x", ["A.Example.org"], True),
+        ("https://a.example.org./x", ["a.example.org"], True),
+        ("https://b.example.org/x", ["a.example.org"], False),
+        ("https://a.example.org/x", ["*.example.org"], True),
+        ("https://x.a.example.org/x", ["*.example.org"], True),
+        ("https://example.org/x", ["*.example.org"], False),  # the apex is not a subdomain
+        ("https://badexample.org/x", ["*.example.org"], False),
+        ("http://10.1.2.3:8080/x", ["10.0.0.0/8"], True),
+        ("http://11.1.2.3/x", ["10.0.0.0/8"], False),
+        ("http://[::1]:9000/x", ["::1"], True),
+        ("http://127.0.0.1/x", ["localhost"], False),  # names are never resolved
+        ("http://localhost/x", ["127.0.0.1"], False),
+        ("http://10.0.0.1/x", ["*.10.0.0.1"], False),
+    ],
+)
+def test_webhook_host_allowed(url: str, allowed: list[str], ok: bool) -> None:
+    assert webhook_host_allowed(url, allowed) is ok
+
+
+def test_a_stored_webhook_to_a_host_no_longer_allowed_is_not_sent(tmp_path: Path) -> None:
+    """A job accepted before the operator set HSC_WEBHOOK_HOSTS: its deliveries are dropped, unsent."""
+    import asyncio
+
+    from hsc.core.jobs import FileJobStore
+    from hsc.core.settings import Settings
+    from hsc.service.webhooks import WebhookDispatcher
+
+    rec = Receiver()
+    job = {"id": "job_x", "status": "succeeded", "progress": {"total": 1, "done": 1, "failed": 0}}
+
+    async def deliveries(allowed: list[str]) -> bool:
+        settings = Settings(results_dir=tmp_path, webhook_hosts=allowed, webhook_attempts=1)
+        d = WebhookDispatcher(FileJobStore(tmp_path / "state"), settings)
+        await d.start()
+        try:
+            return await d.deliver({"url": rec.url + "/late"}, "completed", job)
+        finally:
+            await d.close()
+
+    try:
+        assert asyncio.run(deliveries(["10.0.0.0/8"])) is False
+        assert rec.requests == []
+        assert asyncio.run(deliveries(["127.0.0.1"])) is True
+        assert len(rec.requests) == 1
+    finally:
+        rec.close()
