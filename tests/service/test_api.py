@@ -525,8 +525,12 @@ def test_api_restart_keeps_jobs(svc: Service) -> None:
     r = post_upload(svc, upload_zip(svc.dataset), options={"crf": False})
     jid = r.json()["id"]
     wait_for(lambda: svc.job(jid)["progress"]["done"] >= 1, 60, "a first image done", interval=0.02)
+    assert svc.job(jid)["progress"]["done"] < N_TRAIN  # the restart comes mid-job
     svc.restart_api()
-    assert svc.job(jid)["progress"]["done"] < N_TRAIN  # the restart came mid-job
+    if svc.mode == "embedded":
+        # The in-process pool went down with the API: the job waits for the new one to resume it.
+        # (A broker's worker goes on while the API restarts and may finish the job meanwhile.)
+        assert svc.job(jid)["progress"]["done"] < N_TRAIN
     job = svc.wait_job(jid, 90)
     assert job["status"] == "succeeded", job
     assert job["progress"] == {"total": N_TRAIN, "done": N_TRAIN, "failed": 0, "skipped": 0, "percent": 100.0}
