@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .resnet101 import LoadReport, ResNet101, Stem, kaiming_init_, load_pretrained_state_dict
+from .resnet101 import (
+    BLOCKS_RESNET101,
+    LoadReport,
+    ResNet101,
+    Stem,
+    kaiming_init_,
+    load_pretrained_state_dict,
+)
 
 ASPP_BN_MOMENTUM = 0.0003
 ASPP_RATES = (6, 12, 18, 24)
@@ -96,6 +103,7 @@ class DeepLabV2(nn.Module):
       aspp_bn_momentum: BatchNorm momentum inside the ASPP (0.0003).
       backbone_bn_momentum: BatchNorm momentum of the backbone (0.1).
       dropout: probability of both dropouts (ASPP output and head).
+      layers: backbone blocks per stage; ``(3, 4, 23, 3)`` is ResNet-101 (smaller ones for tests).
 
     ``forward`` maps a normalised ``Bx3xHxW`` batch to logits ``Bxnum_classesxHxW``. The image-pooling
     branch has BatchNorm on a 1x1 map, so training mode needs a batch of at least 2.
@@ -111,12 +119,15 @@ class DeepLabV2(nn.Module):
         aspp_bn_momentum: float = ASPP_BN_MOMENTUM,
         backbone_bn_momentum: float = 0.1,
         dropout: float = 0.5,
+        layers: tuple[int, int, int, int] = BLOCKS_RESNET101,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + classes), got {num_classes}")
         self.num_classes = num_classes
-        self.backbone = ResNet101(stem=stem, bn_momentum=backbone_bn_momentum)
+        self.stem = stem
+        self.layers = tuple(layers)
+        self.backbone = ResNet101(stem=stem, bn_momentum=backbone_bn_momentum, layers=layers)
         self.aspp = ASPP(
             in_channels=self.backbone.out_channels,
             out_channels=aspp_channels,

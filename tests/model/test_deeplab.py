@@ -55,6 +55,16 @@ def test_forward_shape(deeplab, num_classes):
     assert model.cls_conv.weight.shape == (num_classes, 256, 1, 1)
 
 
+def test_smaller_backbone_keeps_names_and_output():
+    small = DeepLabV2(num_classes=3, layers=(1, 1, 2, 1)).eval()
+    full_names = {k for k in DeepLabV2(num_classes=3).state_dict() if not k.startswith("backbone.layer")}
+    assert full_names <= set(small.state_dict())  # same head and stem names
+    assert not any(k.startswith("backbone.layer3.2.") for k in small.state_dict())
+    assert small.layers == (1, 1, 2, 1)
+    with torch.no_grad():
+        assert small(torch.randn(1, 3, 33, 33)).shape == (1, 3, 33, 33)
+
+
 def test_train_mode_batch_of_two(deeplab):
     deeplab.train()
     try:
