@@ -9,7 +9,10 @@ its own, and the runs do not share warm caches):
   foreground channels, the 21-channel argmax PNG, the CRF, and its three outputs (``cam_npy`` dict,
   grey PNG, CRF ``npy`` dict);
 * ``exact`` -- :class:`hsc.model.predictor.Predictor` in exact mode (float32, official numbers);
-* ``fast``  -- the predictor in fast mode (bfloat16 autocast + channels_last on the CPU).
+* ``fast``  -- the predictor in fast mode (bfloat16 autocast + channels_last on the CPU, and Winograd
+  for the wide 3x3 layers where :func:`hsc.model.winograd.pays_on_this_cpu`);
+* ``fast-direct``, ``fast-winograd`` -- the fast mode with Winograd forced off or on
+  (``--modes exact,fast-direct,fast-winograd``).
 
 Per image: ``network`` (pre-processing, the 8 passes, merging), ``crf``, ``post`` (threshold mask /
 post-processing), ``io`` (read the JPEG, write the outputs: ours write one palette PNG), ``total``.
@@ -46,7 +49,7 @@ SCALES = (0.5, 1.0, 1.5, 2.0)
 THR = 0.22
 CRF_T, CRF_ALPHA = 8, 7
 LABEL_SETS = (("aeroplane", "person"), ("dog", "cat"), ("car",), ("horse", "person", "dog"))
-IMPLS = ("official", "exact", "fast")
+IMPLS = ("official", "exact", "fast", "fast-direct", "fast-winograd")
 
 
 def rss_mb() -> float:
@@ -196,8 +199,9 @@ def run_impl(impl: str, args: dict[str, Any], jpgs: list[str], out: str) -> dict
             net,
             ModelInfo(net=net.cfg, class_names=VOC_CLASSES),
             device="cpu",
-            mode=impl,
+            mode="exact" if impl == "exact" else "fast",
             compile=args["compile"],
+            winograd={"fast-direct": False, "fast-winograd": True}.get(impl),
         )
     load_rss = rss_mb()
     # warm-up: one small image through the same code (thread pools, first-call library set-up)
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     ref = np.mean([r["total"] for r in results["official"]["rows"]]) if "official" in results else None
     print()
     print(
-        f"{'impl':<9}"
+        f"{'impl':<12}"
         + "".join(f"{c + ' s':>10}" for c in cols)
         + f"{'ratio':>8}{'load MB':>10}{'peak MB':>10}"
     )
@@ -354,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         means = {c: float(np.mean([row[c] for row in r["rows"]])) for c in cols}
         ratio = f"{means['total'] / ref:.3f}" if ref else "-"
         print(
-            f"{impl:<9}"
+            f"{impl:<12}"
             + "".join(f"{means[c]:>10.3f}" for c in cols)
             + f"{ratio:>8}{r['load_rss_mb']:>10.0f}{r['peak_rss_mb']:>10.0f}"
         )
@@ -381,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     compare("official", "exact")
     compare("exact", "fast")
+    compare("exact", "fast-direct")
+    compare("exact", "fast-winograd")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,17 @@ Two modes share one code path (:func:`.cam.multiscale_cam`):
   flip and switches TF32 off.
 * ``"fast"``: the network runs under ``torch.autocast`` (bfloat16 on CPU; bfloat16 on CUDA where
   supported, else float16) with channels_last tensors; softmax, resizing, merging and normalisation
-  stay float32. Measured with the golden file's seeded width-1.0 weights on three generated 500x375
-  images: 99.82 % of threshold-mask pixels (0.22) and 99.98 % of CRF-mask pixels equal to the exact
-  mode, CAM difference max 0.025, mean 0.002 (``benchmarks/bench_inference.py --weights seeded``).
+  stay float32. On a CPU with AVX-512 bfloat16 but no AMX, the 3x3 convolutions with 256 or more
+  channels run by Winograd F(2x2, 3x3) (:mod:`.winograd`). Measured with the golden file's seeded
+  width-1.0 weights on generated 500x375 images (``benchmarks/bench_inference.py --weights seeded``):
+  99.82 % of threshold-mask pixels (0.22) and 100.00 % of CRF-mask pixels equal to the exact mode,
+  CAM difference max 0.021, mean 0.0024 (direct bfloat16 convolutions, AMX CPU); with Winograd
+  99.71-99.82 %, CRF 99.98-100 %, max 0.032, mean 0.0026-0.0028.
 
-On 2 CPU threads (500x375, 4 scales x flip, CRF) the exact mode takes ~0.82x the time of the
-official script (0.74x with ``compile=True``), the fast mode ~0.41x (0.37x compiled).
+On 2 CPU threads (500x375, 4 scales x flip, CRF), against the official script in the same run: on a
+CPU with AMX (Sapphire Rapids class) the exact mode takes 0.97x its time and the fast mode 0.21x; on
+one with AVX-512 bfloat16 and no AMX the exact mode 0.82-0.91x (0.74x with ``compile=True``) and the
+fast mode 0.355x with Winograd (0.37-0.40x without).
 
 Datasets (:meth:`Predictor.predict_many`): up to ``batch_images`` images of one size share each
 scale's forward (:func:`.cam.multiscale_cams`; default 4 on CUDA, where one VOC image leaves most of
@@ -82,6 +87,7 @@ from .classes import BACKGROUND, VOC_CLASSES
 from .config import ModelInfo
 from .crf import INFERENCE_CRF
 from .visualize import heatmap_overlay
+from .winograd import pays_on_this_cpu, use_winograd
 
 __all__ = [
     "AUTO_LABELS",
@@ -336,6 +342,11 @@ class Predictor:
         compile: ``torch.compile`` the network (inductor, dynamic shapes, frozen weights): about
             20 s once, then ~10 % faster per image on the CPU in float32; pays for datasets, not for
             single images. CAMs move by ~1e-7 in exact mode.
+        winograd: run the 3x3 convolutions with 256 or more channels by Winograd F(2x2, 3x3)
+            (:mod:`.winograd`; 2.25x fewer multiply-adds). Fast mode only; default: on for the CPU
+            in bfloat16 where the CPU has AVX-512 bfloat16 but no AMX (oneDNN has no Winograd of its
+            own there; the network ~12 % faster at width 1.0), off with AMX (its direct convolution
+            is faster) and on CUDA (cuDNN chooses). Replaces modules of ``net`` in place.
         checkpoint_sha256: recorded in ``settings`` (set by :meth:`from_checkpoint`).
     """
 
@@ -353,6 +364,7 @@ class Predictor:
         batch_flips: bool | None = None,
         batch_images: int | None = None,
         compile: bool = False,
+        winograd: bool | None = None,
         checkpoint_sha256: str | None = None,
     ) -> None:
         if mode not in MODES:
@@ -399,6 +411,19 @@ class Predictor:
         net.eval()
         for p in net.parameters():
             p.requires_grad_(False)
+        if winograd is None:
+            winograd = (
+                mode == "fast"
+                and self.device.type == "cpu"
+                and self.dtype == torch.bfloat16
+                and pays_on_this_cpu()
+            )
+        elif winograd and mode != "fast":
+            raise ValueError(
+                "winograd applies to mode='fast' only (the exact mode keeps direct convolutions)"
+            )
+        self.winograd_layers = tuple(use_winograd(net, self.dtype)) if winograd else ()
+        self.winograd = bool(winograd)
         self.net = net
         self.compiled = bool(compile)
         self._cam_net: nn.Module = _CompiledCAM(net) if compile else net
@@ -506,6 +531,7 @@ class Predictor:
             "batch_flips": self.batch_flips,
             "batch_images": self.batch_images,
             "compiled": self.compiled,
+            "winograd": self.winograd,
             "scales": list(self.scales),
             "flip": self.flip,
             "bg_threshold": float(bg_threshold),
