@@ -11,8 +11,8 @@ its own, and the runs do not share warm caches):
 * ``exact`` -- :class:`hsc.model.predictor.Predictor` in exact mode (float32, official numbers);
 * ``fast``  -- the predictor in fast mode (bfloat16 autocast + channels_last on the CPU, and Winograd
   for the wide 3x3 layers where :func:`hsc.model.winograd.pays_on_this_cpu`);
-* ``fast-direct``, ``fast-winograd`` -- the fast mode with Winograd forced off or on
-  (``--modes exact,fast-direct,fast-winograd``).
+* ``exact-direct``, ``exact-winograd``, ``fast-direct``, ``fast-winograd`` -- a mode with Winograd
+  forced off or on (``--modes exact-direct,exact-winograd,fast-direct,fast-winograd``).
 
 Per image: ``network`` (pre-processing, the 8 passes, merging), ``crf``, ``post`` (threshold mask /
 post-processing), ``io`` (read the JPEG, write the outputs: ours write one palette PNG), ``total``.
@@ -49,7 +49,16 @@ SCALES = (0.5, 1.0, 1.5, 2.0)
 THR = 0.22
 CRF_T, CRF_ALPHA = 8, 7
 LABEL_SETS = (("aeroplane", "person"), ("dog", "cat"), ("car",), ("horse", "person", "dog"))
-IMPLS = ("official", "exact", "fast", "fast-direct", "fast-winograd")
+# our impls: (Predictor mode, its winograd argument; None = the predictor's own choice)
+OURS = {
+    "exact": ("exact", None),
+    "exact-direct": ("exact", False),
+    "exact-winograd": ("exact", True),
+    "fast": ("fast", None),
+    "fast-direct": ("fast", False),
+    "fast-winograd": ("fast", True),
+}
+IMPLS = ("official", *OURS)
 
 
 def rss_mb() -> float:
@@ -199,9 +208,9 @@ def run_impl(impl: str, args: dict[str, Any], jpgs: list[str], out: str) -> dict
             net,
             ModelInfo(net=net.cfg, class_names=VOC_CLASSES),
             device="cpu",
-            mode="exact" if impl == "exact" else "fast",
+            mode=OURS[impl][0],
             compile=args["compile"],
-            winograd={"fast-direct": False, "fast-winograd": True}.get(impl),
+            winograd=OURS[impl][1],
         )
     load_rss = rss_mb()
     # warm-up: one small image through the same code (thread pools, first-call library set-up)
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     ref = np.mean([r["total"] for r in results["official"]["rows"]]) if "official" in results else None
     print()
     print(
-        f"{'impl':<12}"
+        f"{'impl':<15}"
         + "".join(f"{c + ' s':>10}" for c in cols)
         + f"{'ratio':>8}{'load MB':>10}{'peak MB':>10}"
     )
@@ -358,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         means = {c: float(np.mean([row[c] for row in r["rows"]])) for c in cols}
         ratio = f"{means['total'] / ref:.3f}" if ref else "-"
         print(
-            f"{impl:<12}"
+            f"{impl:<15}"
             + "".join(f"{means[c]:>10.3f}" for c in cols)
             + f"{ratio:>8}{r['load_rss_mb']:>10.0f}{r['peak_rss_mb']:>10.0f}"
         )
@@ -384,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print()
     compare("official", "exact")
+    compare("official", "exact-direct")
+    compare("official", "exact-winograd")
     compare("exact", "fast")
     compare("exact", "fast-direct")
     compare("exact", "fast-winograd")

@@ -92,6 +92,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from hsc.core.settings import WINOGRAD_CHOICES
     from hsc.training.pseudo_labels import run_infer
 
     s = run_infer(
@@ -106,6 +107,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         heatmaps=not args.no_heatmaps,
         crf_workers=args.crf_workers,
         batch_images=args.batch_images,
+        winograd=WINOGRAD_CHOICES[args.winograd],
         progress=not args.quiet,
     )
     print(
@@ -279,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-images",
         type=_positive_int,
         help="images of one size per network batch (default: 4 on CUDA, 1 on the CPU)",
+    )
+    inf.add_argument(
+        "--winograd",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Winograd F(2x2,3x3) for the wide 3x3 convolutions on the CPU (default: auto, where it pays)",
     )
     inf.add_argument("--quiet", action="store_true", help="no progress bar")
     inf.set_defaults(handler=_cmd_infer)

@@ -35,6 +35,10 @@ def _split_list(value: object) -> object:
     return value
 
 
+# the ``winograd`` setting as the Predictor's argument (None: its own choice for the CPU and mode)
+WINOGRAD_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
 class Settings(BaseSettings):
     """What an operator sets. Read once per process (:func:`get_settings`)."""
 
@@ -60,6 +64,10 @@ class Settings(BaseSettings):
     # --- inference
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     mode: Literal["exact", "fast"] = Field(default="exact", description="exact fp32, or fast bf16/fp16")
+    winograd: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Winograd F(2x2,3x3) for the wide 3x3 convolutions on the CPU; auto: where it pays",
+    )
     crf_workers: int = Field(default=1, ge=0, description="CRF processes beside the network per worker")
     batch_images: int = Field(
         default=0,

@@ -87,7 +87,7 @@ from .classes import BACKGROUND, VOC_CLASSES
 from .config import ModelInfo
 from .crf import INFERENCE_CRF
 from .visualize import heatmap_overlay
-from .winograd import pays_on_this_cpu, use_winograd
+from .winograd import MIN_CHANNELS, MIN_CHANNELS_FP32, pays_on_this_cpu, use_winograd
 
 __all__ = [
     "AUTO_LABELS",
@@ -342,11 +342,14 @@ class Predictor:
         compile: ``torch.compile`` the network (inductor, dynamic shapes, frozen weights): about
             20 s once, then ~10 % faster per image on the CPU in float32; pays for datasets, not for
             single images. CAMs move by ~1e-7 in exact mode.
-        winograd: run the 3x3 convolutions with 256 or more channels by Winograd F(2x2, 3x3)
-            (:mod:`.winograd`; 2.25x fewer multiply-adds). Fast mode only; default: on for the CPU
-            in bfloat16 where the CPU has AVX-512 bfloat16 but no AMX (oneDNN has no Winograd of its
-            own there; the network ~12 % faster at width 1.0), off with AMX (its direct convolution
-            is faster) and on CUDA (cuDNN chooses). Replaces modules of ``net`` in place.
+        winograd: run the wide 3x3 convolutions by Winograd F(2x2, 3x3) (:mod:`.winograd`; 2.25x
+            fewer multiply-adds), CPU only: in the fast mode those with 256 or more channels, in
+            bfloat16; in the exact mode those with 512 or more, in float32 (still within the golden
+            1e-4; its error against float64 is below the direct convolution's). Default: on in the
+            fast mode where the CPU has AVX-512 bfloat16 but no AMX (oneDNN has no Winograd of its
+            own there; the network ~12 % faster at width 1.0); off with AMX (its direct bfloat16
+            convolution is faster) and in the exact mode (measured: within the noise, 46-48 s
+            against 42-50 s per image at width 1.0). Replaces modules of ``net`` in place.
         checkpoint_sha256: recorded in ``settings`` (set by :meth:`from_checkpoint`).
     """
 
@@ -418,12 +421,13 @@ class Predictor:
                 and self.dtype == torch.bfloat16
                 and pays_on_this_cpu()
             )
-        elif winograd and mode != "fast":
-            raise ValueError(
-                "winograd applies to mode='fast' only (the exact mode keeps direct convolutions)"
-            )
-        self.winograd_layers = tuple(use_winograd(net, self.dtype)) if winograd else ()
-        self.winograd = bool(winograd)
+        if winograd and self.device.type != "cpu":
+            raise ValueError("winograd applies to the CPU only (cuDNN chooses its own algorithms)")
+        min_channels = MIN_CHANNELS if self.dtype == torch.bfloat16 else MIN_CHANNELS_FP32
+        self.winograd_layers = (
+            tuple(use_winograd(net, self.dtype, min_channels=min_channels)) if winograd else ()
+        )
+        self.winograd = bool(self.winograd_layers)
         self.net = net
         self.compiled = bool(compile)
         self._cam_net: nn.Module = _CompiledCAM(net) if compile else net

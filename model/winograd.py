@@ -43,6 +43,9 @@ _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 # direct convolution (measured: 128 -> 128 channels at 188x250 is 1.3x slower; 256 -> 256 at 94x125
 # is 1.3x faster).
 MIN_CHANNELS = 256
+# In float32 the direct convolution is relatively faster: 256 -> 256 at 125x94 is 1.25x slower by
+# Winograd, 512 -> 512 at 63x47 1.39x faster (AMX CPU, ``benchmarks/bench_winograd.py``).
+MIN_CHANNELS_FP32 = 512
 
 
 def pays_on_this_cpu() -> bool:

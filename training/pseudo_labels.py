@@ -74,15 +74,21 @@ def run_infer(
     heatmaps: bool = True,
     crf_workers: int = 1,
     batch_images: int | None = None,
+    winograd: bool | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pseudo-label every image of a dataset split; returns (and writes) the run summary.
 
-    ``batch_images``: images of one size per network batch (default: 4 on CUDA, 1 on the CPU)."""
+    ``batch_images``: images of one size per network batch (default: 4 on CUDA, 1 on the CPU).
+    ``winograd``: the :class:`~hsc.model.predictor.Predictor` argument (None: its choice)."""
     out = Path(out)
     t_start = time.perf_counter()
     predictor = Predictor.from_checkpoint(
-        checkpoint, device=device, mode="fast" if fast else "exact", batch_images=batch_images
+        checkpoint,
+        device=device,
+        mode="fast" if fast else "exact",
+        batch_images=batch_images,
+        winograd=winograd,
     )
     index = open_dataset(data, split=split)
     channel = _class_map(index, predictor)

@@ -49,7 +49,7 @@ from hsc.core.encoders import IGNORE_INDEX, label_to_png
 from hsc.core.images import ImageError, decode_image
 from hsc.core.jobs import JobItem, JobStore, job_dir
 from hsc.core.results import build_result, parse_outputs, rgb_png
-from hsc.core.settings import Settings
+from hsc.core.settings import WINOGRAD_CHOICES, Settings
 from hsc.model.classes import BACKGROUND
 from hsc.model.predictor import (
     AUTO_LABELS,
@@ -150,7 +150,11 @@ class Engine:
                 raise ValueError(f"two checkpoints with the model id {model_id!r}: {paths[model_id]}, {path}")
             t0 = time.perf_counter()
             loaded[model_id] = Predictor.from_checkpoint(
-                path, device=settings.device, mode=settings.mode, batch_images=settings.batch_images or None
+                path,
+                device=settings.device,
+                mode=settings.mode,
+                batch_images=settings.batch_images or None,
+                winograd=WINOGRAD_CHOICES[settings.winograd],
             )
             paths[model_id] = str(Path(path).resolve())
             log.info("loaded model %s from %s in %.1f s", model_id, path, time.perf_counter() - t0)

@@ -32,6 +32,12 @@ def test_a_bad_value_fails_at_start_up(monkeypatch):
     monkeypatch.setenv("HSC_MODE", "turbo")
     with pytest.raises(ValidationError, match="mode"):
         Settings()
+    monkeypatch.setenv("HSC_MODE", "fast")
+    monkeypatch.setenv("HSC_WINOGRAD", "maybe")
+    with pytest.raises(ValidationError, match="winograd"):
+        Settings()
+    monkeypatch.setenv("HSC_WINOGRAD", "off")
+    assert Settings().winograd == "off"
 
 
 def test_flags_override_the_environment(monkeypatch):

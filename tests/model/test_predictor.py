@@ -333,14 +333,16 @@ def test_exact_mode_is_multiscale_cam(labels):
 
 
 @pytest.mark.slow
-def test_exact_mode_reproduces_the_golden_cams_at_width_1():
+@pytest.mark.parametrize("winograd", [False, True])
+def test_exact_mode_reproduces_the_golden_cams_at_width_1(winograd):
     """The golden inference case (seeded width-1.0 weights) through the predictor: CAMs within 1e-4
-    of the official ones, thresholded masks equal."""
+    of the official ones, thresholded masks equal; also with float32 Winograd for the wide 3x3s."""
     c = case("inference_one_image")
     ns = build_inputs(c)
     img = ns["img"].numpy()
     classes = [int(i) for i in torch.nonzero(ns["label"] > 1e-5).flatten()]
-    p = seeded_predictor("exact")
+    p = seeded_predictor("exact", winograd=winograd)
+    assert len(p.winograd_layers) == (19 if winograd else 0)  # the 3x3s with >= 512 channels
     pred = p.predict(img, [VOC_CLASSES[i] for i in classes])
     (cam_npy,) = [v for k, v in c.items() if k.startswith("cam_npy")]
     assert sorted(int(k) for k in cam_npy) == list(pred.classes) == classes

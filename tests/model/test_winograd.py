@@ -125,14 +125,19 @@ def test_predictor_uses_it_in_the_fast_cpu_mode_only():
     direct = Predictor(net(), info, device="cpu", mode="fast", winograd=False)
     assert not direct.winograd and direct.winograd_layers == ()
     exact = Predictor(net(), info, device="cpu")
-    assert not exact.winograd
-    with pytest.raises(ValueError, match="fast"):
-        Predictor(net(), info, device="cpu", winograd=True)
+    assert not exact.winograd and exact.winograd_layers == ()  # the exact mode's default
+    exact_w = Predictor(net(), info, device="cpu", winograd=True)  # float32, >= 512 channels only
+    assert exact_w.winograd and "b7.conv_branch2b1" in exact_w.winograd_layers  # 512 -> 1024
+    assert "b6.conv_branch2b1" not in exact_w.winograd_layers  # 256 -> 512
+    assert all(exact_w.net.get_submodule(n).u.dtype == torch.float32 for n in exact_w.winograd_layers)
     img = np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8)
     a, b = fast.predict(img, ["a"]), direct.predict(img, ["a"])
     assert a.settings["winograd"] and not b.settings["winograd"]
     diff = np.abs(a.cams - b.cams)
     assert 0 < diff.max() < 0.05, diff.max()  # different roundings, the same network
+    e, ew = exact.predict(img, ["a"]), exact_w.predict(img, ["a"])
+    assert ew.settings["winograd"] and not e.settings["winograd"]
+    np.testing.assert_allclose(ew.cams, e.cams, rtol=0, atol=1e-5)  # float32 roundings only
 
 
 @pytest.mark.parametrize(

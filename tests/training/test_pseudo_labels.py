@@ -101,6 +101,8 @@ def test_cli_infer_then_eval(setup, tmp_path):
             "--no-heatmaps",
             "--batch-images",
             "2",
+            "--winograd",
+            "off",
         ],
         capture_output=True,
         text=True,
