@@ -1,8 +1,8 @@
 """Per-layer time and error of Winograd F(2x2, 3x3) (:mod:`hsc.model.winograd`) against the direct
 convolution, on the 3x3 layers of the real network at the shapes one image's CAM pass gives them.
 
-One forward of ResNet-38d (seeded random weights, ``--width``) at each ``--scales`` of a ``--size``
-image records the input of every 3x3 stride-1 same-size convolution. For each distinct
+One ``forward_cam`` of the HSC network (seeded random weights, ``--width``) at each ``--scales``
+of a ``--size`` image records the input of every 3x3 stride-1 same-size convolution. For each distinct
 (channels, dilation, size) it times, in ``--dtype`` (bfloat16: the fast mode), oneDNN's direct
 convolution against :func:`winograd_conv3x3` on channels_last inputs (median of ``--repeat``), and
 measures both results' error against a float64 convolution (mean and max of ``|y - y64|``, relative
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     hooks = [m.register_forward_pre_hook(record) for m in net.modules() if eligible(m, min_channels=1)]
     with torch.inference_mode():
         for s in scales:
-            net(torch.randn(1, 3, round(h * s), round(w * s)))
+            net.forward_cam(torch.randn(1, 3, round(h * s), round(w * s)))
     for hk in hooks:
         hk.remove()
 

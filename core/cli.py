@@ -108,6 +108,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         crf_workers=args.crf_workers,
         batch_images=args.batch_images,
         winograd=WINOGRAD_CHOICES[args.winograd],
+        compile=args.compile,
         progress=not args.quiet,
     )
     print(
@@ -287,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "on", "off"),
         default="auto",
         help="Winograd F(2x2,3x3) for the wide 3x3 convolutions on the CPU (default: auto, where it pays)",
+    )
+    inf.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network first (tens of seconds once, then 10-20 %% faster per image on CPU)",
     )
     inf.add_argument("--quiet", action="store_true", help="no progress bar")
     inf.set_defaults(handler=_cmd_infer)

@@ -292,6 +292,26 @@ def _crf_mask(
     return crf_to_label(q, keys), time.perf_counter() - t0
 
 
+def _cam_convs(net: nn.Module) -> set[str]:
+    """Names of the convolutions ``net.forward_cam`` runs (found on a small input): the heads that
+    only training uses are left alone."""
+    names = {m: n for n, m in net.named_modules()}
+    used: set[str] = set()
+
+    def record(module: nn.Module, _inputs: Any) -> None:
+        used.add(names[module])
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        p = next(net.parameters())
+        with torch.inference_mode():
+            net.forward_cam(torch.zeros(1, 3, 32, 32, device=p.device, dtype=p.dtype))  # type: ignore[operator]
+    finally:
+        for h in hooks:
+            h.remove()
+    return used
+
+
 class _CompiledCAM(nn.Module):
     """``net`` with a ``torch.compile``-d ``forward_cam`` (dynamic shapes, so the scales and image sizes
     share one compilation; frozen weights, so oneDNN gets pre-packed ones). Compiles on first use."""
@@ -425,7 +445,9 @@ class Predictor:
             raise ValueError("winograd applies to the CPU only (cuDNN chooses its own algorithms)")
         min_channels = MIN_CHANNELS if self.dtype == torch.bfloat16 else MIN_CHANNELS_FP32
         self.winograd_layers = (
-            tuple(use_winograd(net, self.dtype, min_channels=min_channels)) if winograd else ()
+            tuple(use_winograd(net, self.dtype, min_channels=min_channels, only=_cam_convs(net)))
+            if winograd
+            else ()
         )
         self.winograd = bool(self.winograd_layers)
         self.net = net
@@ -736,6 +758,15 @@ class Predictor:
             labels_source="given" if job.class_scores is None else "predicted",
             class_scores=scores,
         )
+
+    def warm_up(self, size: tuple[int, int] = (64, 48)) -> float:
+        """One small prediction (a ``size`` = (W, H) grey image, the first class, every scale and flip,
+        no CRF), so the first real image does not pay for thread pools, oneDNN's set-up and, with
+        ``compile=True``, the compilation; returns its seconds."""
+        t0 = time.perf_counter()
+        w, h = size
+        self.predict(np.full((h, w, 3), 128, dtype=np.uint8), [0], outputs={"cams"})
+        return time.perf_counter() - t0
 
     def predict(
         self,

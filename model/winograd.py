@@ -31,6 +31,7 @@ its own algorithms.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -166,14 +167,22 @@ class WinogradConv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, dilation={self.dilation}, dtype={self.u.dtype}"
 
 
-def use_winograd(net: nn.Module, dtype: torch.dtype, *, min_channels: int = MIN_CHANNELS) -> list[str]:
-    """Replace, in place, every eligible convolution of ``net`` by a :class:`WinogradConv2d` with
-    ``dtype`` filters; returns the names of the replaced modules. Inference only: the new modules
-    have no parameters (the network can no longer be trained or saved as it was)."""
+def use_winograd(
+    net: nn.Module,
+    dtype: torch.dtype,
+    *,
+    min_channels: int = MIN_CHANNELS,
+    only: Collection[str] | None = None,
+) -> list[str]:
+    """Replace, in place, every eligible convolution of ``net`` (among the module names ``only``, if
+    given) by a :class:`WinogradConv2d` with ``dtype`` filters; returns the names of the replaced
+    modules. Inference only: the new modules have no parameters (the network can no longer be
+    trained or saved as it was)."""
     replaced = []
     for name, module in list(net.named_modules()):
         for child_name, child in list(module.named_children()):
-            if eligible(child, min_channels):
+            full = f"{name}.{child_name}" if name else child_name
+            if (only is None or full in only) and eligible(child, min_channels):
                 setattr(module, child_name, WinogradConv2d(child, dtype))
-                replaced.append(f"{name}.{child_name}" if name else child_name)
+                replaced.append(full)
     return replaced

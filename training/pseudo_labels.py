@@ -75,12 +75,13 @@ def run_infer(
     crf_workers: int = 1,
     batch_images: int | None = None,
     winograd: bool | None = None,
+    compile: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pseudo-label every image of a dataset split; returns (and writes) the run summary.
 
     ``batch_images``: images of one size per network batch (default: 4 on CUDA, 1 on the CPU).
-    ``winograd``: the :class:`~hsc.model.predictor.Predictor` argument (None: its choice)."""
+    ``winograd``, ``compile``: the :class:`~hsc.model.predictor.Predictor` arguments."""
     out = Path(out)
     t_start = time.perf_counter()
     predictor = Predictor.from_checkpoint(
@@ -89,6 +90,7 @@ def run_infer(
         mode="fast" if fast else "exact",
         batch_images=batch_images,
         winograd=winograd,
+        compile=compile,
     )
     index = open_dataset(data, split=split)
     channel = _class_map(index, predictor)

@@ -155,7 +155,10 @@ class Engine:
                 mode=settings.mode,
                 batch_images=settings.batch_images or None,
                 winograd=WINOGRAD_CHOICES[settings.winograd],
+                compile=settings.compile,
             )
+            if settings.compile:  # compile now, not in the first request's time
+                log.info("model %s compiled in %.1f s", model_id, loaded[model_id].warm_up())
             paths[model_id] = str(Path(path).resolve())
             log.info("loaded model %s from %s in %.1f s", model_id, path, time.perf_counter() - t0)
         if not loaded:
@@ -178,6 +181,8 @@ class Engine:
             "network_type": p.info.network_type,
             "backbone": p.info.backbone,
             "mode": p.mode,
+            "compiled": p.compiled,
+            "winograd": p.winograd,
             "device": str(p.device),
             "path": path,
         }

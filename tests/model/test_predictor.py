@@ -368,7 +368,9 @@ def test_fast_mode_agrees_with_exact_on_99_percent_of_pixels():
     for winograd in (False, True):
         fast = seeded_predictor("fast", winograd=winograd)
         assert fast.dtype == torch.bfloat16 and fast.channels_last
-        assert len(fast.winograd_layers) == (25 if winograd else 0)  # every 3x3 with >= 256 channels
+        assert len(fast.winograd_layers) == (
+            24 if winograd else 0
+        )  # the CAM path's 3x3s with >= 256 channels
         b = fast.predict(img, ["aeroplane", "person"])
         assert (
             b.settings["mode"] == "fast" and b.settings["dtype"] == "bfloat16" and b.settings["channels_last"]
@@ -395,6 +397,7 @@ def test_fast_mode_at_width_0125_runs_and_stays_close():
 def test_compiled_network_gives_the_same_cams():
     """``compile=True`` (inductor, dynamic shapes): one compilation serves every scale and image size."""
     plain, compiled = voc_predictor("exact"), Predictor(small_net(), ModelInfo(), device="cpu", compile=True)
+    assert compiled.warm_up() > 0  # compiles on a small grey image
     for size in ((41, 57), (30, 44)):
         img = image(*size, seed=size[0])
         a, b = plain.predict(img, ["dog", "cat"]), compiled.predict(img, ["dog", "cat"])

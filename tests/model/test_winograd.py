@@ -122,6 +122,8 @@ def test_predictor_uses_it_in_the_fast_cpu_mode_only():
     fast = Predictor(net(), info, device="cpu", mode="fast", winograd=True)
     assert fast.winograd and "b4_1.conv_branch2a" in fast.winograd_layers  # 256 channels at width 0.5
     assert "b3_1.conv_branch2a" not in fast.winograd_layers  # 128
+    assert "extra_F.0" not in fast.winograd_layers  # eligible, but a training head: not in forward_cam
+    assert type(fast.net.get_submodule("extra_F.0")) is nn.Conv2d
     direct = Predictor(net(), info, device="cpu", mode="fast", winograd=False)
     assert not direct.winograd and direct.winograd_layers == ()
     exact = Predictor(net(), info, device="cpu")

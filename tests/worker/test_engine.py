@@ -57,6 +57,8 @@ def test_cards(engine, ckpt):
         "network_type": "hsc_eps_seam",
         "backbone": "resnet38d",
         "mode": "exact",
+        "compiled": False,
+        "winograd": False,
         "device": "cpu",
         "path": str(ckpt.path.resolve()),
     }
@@ -131,9 +133,20 @@ def test_item_errors(engine, ckpt):
 def test_get_engine_is_cached_per_settings(engine_settings):
     a = get_engine(engine_settings)
     assert get_engine(engine_settings) is a
-    other = Settings(**{**engine_settings.model_dump(), "mode": "fast"})
+    other = Settings(**{**engine_settings.model_dump(), "mode": "fast", "winograd": "on"})
     b = get_engine(other)
     assert b is not a and b.cards()[0]["mode"] == "fast"
+    # winograd "on" at width 0.125: no 3x3 layer is wide enough, so none is replaced
+    (pb,) = b.predictors.values()
+    assert b.cards()[0]["winograd"] is False and pb.winograd_layers == ()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_setting_compiles_at_load(engine_settings):
+    e = Engine(Settings(**{**engine_settings.model_dump(), "compile": True}))
+    (p,) = e.predictors.values()
+    assert e.cards()[0]["compiled"] and p.compiled
 
 
 def test_unknown_default_model_and_duplicate_ids_are_refused(engine_settings, ckpt):
