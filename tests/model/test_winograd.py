@@ -3,6 +3,8 @@ the module swap inside a network, and the Predictor's choice of it."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -37,6 +39,18 @@ def test_equals_direct_convolution_in_float64(dilation, h, w):
     got = winograd_conv3x3(x, winograd_weights(weight), dilation)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+def test_chunked_rows_of_blocks_equal_one_chunk(dilation):
+    """Chunks of one row of blocks, of a few rows (an uneven last chunk), and of all of them."""
+    x, weight = _case(2, 5, 6, 37, 29, seed=dilation)
+    u = winograd_weights(weight)
+    ref = F.conv2d(x, weight, padding=dilation, dilation=dilation)
+    row = 16 * 2 * dilation * math.ceil(29 / (2 * dilation)) * dilation * 6 * 8  # bytes of one row
+    for block_bytes in (1, 3 * row, 1 << 30):
+        got = winograd_conv3x3(x, u, dilation, block_bytes=block_bytes)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
 def test_bias_and_channels_last_input_and_output():
@@ -124,6 +138,7 @@ def test_predictor_uses_it_in_the_fast_cpu_mode_only():
     assert "b3_1.conv_branch2a" not in fast.winograd_layers  # 128
     assert "extra_F.0" not in fast.winograd_layers  # eligible, but a training head: not in forward_cam
     assert type(fast.net.get_submodule("extra_F.0")) is nn.Conv2d
+    assert not Predictor(net(), info, device="cpu", mode="fast", compile=True).winograd  # never by default
     direct = Predictor(net(), info, device="cpu", mode="fast", winograd=False)
     assert not direct.winograd and direct.winograd_layers == ()
     exact = Predictor(net(), info, device="cpu")
