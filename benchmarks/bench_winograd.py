@@ -7,7 +7,8 @@ of a ``--size`` image records the input of every 3x3 stride-1 same-size convolut
 convolution against :func:`winograd_conv3x3` on channels_last inputs (median of ``--repeat``), and
 measures both results' error against a float64 convolution (mean and max of ``|y - y64|``, relative
 to the mean ``|y64|``). Rows marked ``*`` are the ones :func:`use_winograd` replaces (both channel
-counts >= ``MIN_CHANNELS``). The last line sums the network's 3x3 time both ways.
+counts >= ``MIN_CHANNELS`` in bfloat16, ``MIN_CHANNELS_FP32`` in float32: the Predictor's rule).
+The last line sums the network's 3x3 time both ways.
 
 Run from the repository root::
 
@@ -39,11 +40,18 @@ def main(argv: list[str] | None = None) -> None:
     from torch import nn
 
     from hsc.model.hsc_net import build_hsc_net
-    from hsc.model.winograd import MIN_CHANNELS, eligible, winograd_conv3x3, winograd_weights
+    from hsc.model.winograd import (
+        MIN_CHANNELS,
+        MIN_CHANNELS_FP32,
+        eligible,
+        winograd_conv3x3,
+        winograd_weights,
+    )
 
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
+    min_channels = MIN_CHANNELS if dtype == torch.bfloat16 else MIN_CHANNELS_FP32
     w, h = (int(v) for v in a.size.lower().split("x"))
     scales = [float(s) for s in a.scales.split(",") if s]
     torch.manual_seed(0)
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}, width {a.width}, "
-        f"{w}x{h} at scales {scales}; MIN_CHANNELS {MIN_CHANNELS}"
+        f"{w}x{h} at scales {scales}; Winograd from {min_channels} channels"
     )
     print(
         f"{'':2}{'c_in':>5}{'c_out':>6}{'dil':>4}{'size':>10}{'n':>3}{'direct ms':>11}{'wino ms':>10}"
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 diff = (y.double() - y64).abs()
                 err[name] = (float(diff.mean()) / scale, float(diff.max()) / scale)
-            used = eligible(conv)
+            used = eligible(conv, min_channels)
             n = seen[key]
             total_direct += n * t_direct
             total_mixed += n * (t_wino if used else t_direct)
