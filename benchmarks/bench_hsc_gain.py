@@ -4,14 +4,27 @@ the +CRF mIoU on the val split. CPU only; prints a table. Not a test: the figure
 asserted.
 
     python benchmarks/bench_hsc_gain.py --out /tmp/hsc-gain [--iters 1500] [--train 200] [--val 60]
+    python benchmarks/bench_hsc_gain.py --out /tmp/hsc-gain --seeds 0-6 --variants EPS,EPS+HSC
+    python benchmarks/bench_hsc_gain.py --summarize /tmp/hsc-gain/seed-*  # tables from earlier runs
 
-The synthetic set is generated (``hsc data synth``) unless ``--data`` is given.
+The synthetic set is generated (``hsc data synth``) unless ``--data`` is given. One run per variant
+and seed is noisy on so small a set (the baseline alone moves by 10+ mIoU points between seeds), so
+``--seeds`` runs several seeds (each its own data, initialisation and sampling, under
+``OUT/seed-N``) and prints the mean and standard deviation of each figure and of the gains.
+Finished runs are reused: a variant whose ``final.safetensors`` exists is only evaluated again.
+
+By default every variant starts from random weights (with BatchNorm trained, ``--no-freeze-bn``),
+unlike the paper, which starts from ImageNet. ``--pretrain-iters N`` plays ImageNet's part: a
+classifier (SEAM alone) is first trained for N steps on a separate synthetic set with all 20 classes
+(``OUT/pretrain``, made once and shared by the seeds), and every variant then starts from its
+backbone in the official frozen-BatchNorm regime (``conv1a``/``b2`` never trained).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -67,6 +80,168 @@ def evaluate(final: Path, data: Path, *, crf_alpha: float, crf_iters: int, scale
     }
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"3"``, ``"0-6"``, ``"1,4,7-9"`` -> the seeds in order, each once."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            span = range(int(lo), int(hi) + 1) if sep else range(int(lo), int(lo) + 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"seeds: {part!r} is not N or N-M") from None
+        if not span:
+            raise argparse.ArgumentTypeError(f"seeds: {part!r} is an empty range")
+        seeds.extend(x for x in span if x not in seeds)
+    if not seeds:
+        raise argparse.ArgumentTypeError("seeds: none given")
+    return seeds
+
+
+def gains(rows: dict) -> dict[str, tuple[float, float]]:
+    """HSC minus its baseline, (seed mIoU, +CRF mIoU), for each baseline run with and without HSC."""
+    out = {}
+    for b in ("SEAM", "EPS"):
+        if b in rows and f"{b}+HSC" in rows:
+            hsc, alone = rows[f"{b}+HSC"], rows[b]
+            out[b] = (hsc["seed_miou"] - alone["seed_miou"], hsc["crf_miou"] - alone["crf_miou"])
+    return out
+
+
+def print_table(rows: dict) -> None:
+    print(
+        f"{'variant':10s} {'seed mIoU':>10s} {'best t':>7s} {'seed(0-.95)':>11s} {'best t':>7s} "
+        f"{'+CRF mIoU':>10s} {'train s':>8s}"
+    )
+    for name, r in rows.items():
+        print(
+            f"{name:10s} {r['seed_miou']:10.2f} {r['best_threshold']:7.2f} {r['seed_miou_wide']:11.2f} "
+            f"{r['best_threshold_wide']:7.2f} {r['crf_miou']:10.2f} {r.get('train_s', float('nan')):8.0f}"
+        )
+    for b, (d1, d2) in gains(rows).items():
+        print(f"HSC gain over {b}: seed {d1:+.2f}, +CRF {d2:+.2f}")
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.fmean(values):6.2f} ± {sd:5.2f}"
+
+
+def print_summary(runs: dict[str, dict]) -> None:
+    """Per-run gains, then mean ± sample standard deviation over the runs of every figure."""
+    print(f"\n{len(runs)} runs: " + ", ".join(runs))
+    names = [n for n in VARIANTS if any(n in rows for rows in runs.values())]
+    print(f"{'variant':10s} {'n':>3s} {'seed mIoU':>15s} {'+CRF mIoU':>15s}")
+    for name in names:
+        got = [rows[name] for rows in runs.values() if name in rows]
+        seed = _mean_sd([r["seed_miou"] for r in got])
+        crf = _mean_sd([r["crf_miou"] for r in got])
+        print(f"{name:10s} {len(got):3d} {seed:>15s} {crf:>15s}")
+    for b in ("SEAM", "EPS"):
+        per_run = {run: g[b] for run, rows in runs.items() if b in (g := gains(rows))}
+        if not per_run:
+            continue
+        listed = ", ".join(f"{run} {d1:+.1f}/{d2:+.1f}" for run, (d1, d2) in per_run.items())
+        d1s = [d[0] for d in per_run.values()]
+        d2s = [d[1] for d in per_run.values()]
+        print(f"HSC gain over {b} (seed/+CRF) per run: {listed}")
+        print(
+            f"HSC gain over {b}, mean ± sd over {len(per_run)}: seed {_mean_sd(d1s)}, +CRF {_mean_sd(d2s)}; "
+            f"runs with a gain >= 3: seed {sum(d >= 3 for d in d1s)}/{len(d1s)}, "
+            f"+CRF {sum(d >= 3 for d in d2s)}/{len(d2s)}"
+        )
+
+
+def summarize(dirs: list[Path]) -> None:
+    runs = {}
+    for d in dirs:
+        f = d / "results.json"
+        if not f.is_file():
+            raise SystemExit(f"{f}: no results.json (was the run finished?)")
+        runs[d.name] = json.loads(f.read_text())
+    for name, rows in runs.items():
+        print(f"\n== {name}")
+        print_table(rows)
+    print_summary(runs)
+
+
+def pretrained_backbone(args: argparse.Namespace) -> Path:
+    """Train (once) the classifier whose backbone every variant starts from; its final checkpoint."""
+    out = args.out / "pretrain"
+    final = out / "run" / "final.safetensors"
+    if final.exists():
+        return final
+    data = out / "data"
+    if not (data / "classes.txt").exists():
+        w, h = (int(v) for v in args.size.split("x"))
+        synthesize(
+            data, train=args.pretrain_train, val=1, seed=args.pretrain_seed, size=(w, h), num_classes=20
+        )
+    cfg = replace(
+        base_config(args, data, args.pretrain_seed),
+        out=str(out / "run"),
+        iters=args.pretrain_iters,
+        baseline="seam",
+        no_hsc=True,
+    )
+    t0 = time.perf_counter()
+    final = train(cfg, progress=False)
+    print(f"pretrained backbone: {final} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return final
+
+
+def base_config(args: argparse.Namespace, data: Path, seed: int) -> TrainConfig:
+    return TrainConfig(
+        data=str(data),
+        out="",
+        width=args.width,
+        iters=args.iters,
+        batch=args.batch,
+        crop=args.crop,
+        resize_long=(args.crop, int(args.crop * 1.5)),
+        lr=args.lr,
+        seed=seed,
+        workers=1,
+        log_every=50,
+        save_every=10**9,
+        poly_over_run=True,
+        momentum=0.9,
+        freeze_bn=False,  # from scratch: no ImageNet statistics for the frozen-BN regime to rely on
+    )
+
+
+def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    data = args.data
+    if data is None:
+        data = out / "data"
+        if not (data / "classes.txt").exists():
+            w, h = (int(v) for v in args.size.split("x"))
+            synthesize(data, train=args.train, val=args.val, seed=seed, size=(w, h), num_classes=args.classes)
+    w = int(args.size.split("x")[0])
+    base = base_config(args, data, seed)
+    if args.pretrain_iters:
+        base = replace(base, init=str(pretrained_backbone(args)), freeze_bn=True)
+    scales = (0.5, 1.0, 1.5, 2.0) if w >= 96 else (1.0, 1.5, 2.0)
+    rows = {}
+    for name in args.variants.split(","):
+        cfg = replace(base, out=str(out / name), **VARIANTS[name])
+        t0 = time.perf_counter()
+        final = Path(cfg.out) / "final.safetensors"
+        if not final.exists():
+            final = train(cfg, progress=False)
+        train_s = time.perf_counter() - t0
+        rows[name] = evaluate(final, data, crf_alpha=args.crf_alpha, crf_iters=args.crf_iters, scales=scales)
+        rows[name]["train_s"] = train_s
+        print(f"seed {seed}", name, json.dumps(rows[name]), flush=True)
+    print()
+    print_table(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("/tmp/hsc-gain"))
@@ -80,7 +255,18 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=112)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--width", type=float, default=0.125)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="one seed; its run goes to OUT itself")
+    p.add_argument(
+        "--seeds", type=parse_seeds, help="several seeds (e.g. 0-6 or 1,3,5); each run goes to OUT/seed-N"
+    )
+    p.add_argument(
+        "--summarize", type=Path, nargs="+", metavar="DIR", help="only print the tables of finished runs"
+    )
+    p.add_argument(
+        "--pretrain-iters", type=int, default=0, help="start from a backbone pretrained for N steps (0: none)"
+    )
+    p.add_argument("--pretrain-train", type=int, default=400, help="images of the pretraining set")
+    p.add_argument("--pretrain-seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
@@ -88,62 +274,20 @@ def main() -> None:
     p.add_argument("--crf-alpha", type=float, default=7.0)
     p.add_argument("--crf-iters", type=int, default=8)
     args = p.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    if args.seeds and args.data is not None and len(args.seeds) > 1:
+        print("note: --data is given, so the seeds change initialisation and sampling, not the images")
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = args.data
-    if data is None:
-        data = args.out / "data"
-        if not (data / "classes.txt").exists():
-            w, h = (int(v) for v in args.size.split("x"))
-            synthesize(
-                data, train=args.train, val=args.val, seed=args.seed, size=(w, h), num_classes=args.classes
-            )
-    w = int(args.size.split("x")[0])
-    base = TrainConfig(
-        data=str(data),
-        out="",
-        width=args.width,
-        iters=args.iters,
-        batch=args.batch,
-        crop=args.crop,
-        resize_long=(args.crop, int(args.crop * 1.5)),
-        lr=args.lr,
-        seed=args.seed,
-        workers=1,
-        log_every=50,
-        save_every=10**9,
-        poly_over_run=True,
-        momentum=0.9,
-        freeze_bn=False,  # from scratch: no ImageNet statistics for the frozen-BN regime to rely on
-    )
-    scales = (0.5, 1.0, 1.5, 2.0) if w >= 96 else (1.0, 1.5, 2.0)
-    rows = {}
-    for name in args.variants.split(","):
-        cfg = replace(base, out=str(args.out / name), **VARIANTS[name])
-        t0 = time.perf_counter()
-        final = Path(cfg.out) / "final.safetensors"
-        if not final.exists():
-            final = train(cfg, progress=False)
-        train_s = time.perf_counter() - t0
-        rows[name] = evaluate(final, data, crf_alpha=args.crf_alpha, crf_iters=args.crf_iters, scales=scales)
-        rows[name]["train_s"] = train_s
-        print(name, json.dumps(rows[name]), flush=True)
-    print()
-    print(
-        f"{'variant':10s} {'seed mIoU':>10s} {'best t':>7s} {'seed(0-.95)':>11s} {'best t':>7s} "
-        f"{'+CRF mIoU':>10s} {'train s':>8s}"
-    )
-    for name, r in rows.items():
-        print(
-            f"{name:10s} {r['seed_miou']:10.2f} {r['best_threshold']:7.2f} {r['seed_miou_wide']:11.2f} "
-            f"{r['best_threshold_wide']:7.2f} {r['crf_miou']:10.2f} {r['train_s']:8.0f}"
-        )
-    for b in ("SEAM", "EPS"):
-        if b in rows and f"{b}+HSC" in rows:
-            d1 = rows[f"{b}+HSC"]["seed_miou"] - rows[b]["seed_miou"]
-            d2 = rows[f"{b}+HSC"]["crf_miou"] - rows[b]["crf_miou"]
-            print(f"HSC gain over {b}: seed {d1:+.2f}, +CRF {d2:+.2f}")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    if not args.seeds:
+        run_seed(args, args.seed, args.out)
+        return
+    runs = {f"seed-{s}": run_seed(args, s, args.out / f"seed-{s}") for s in args.seeds}
+    print_summary(runs)
 
 
 if __name__ == "__main__":
