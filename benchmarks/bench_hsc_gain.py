@@ -17,7 +17,8 @@ By default every variant starts from random weights (with BatchNorm trained, ``-
 unlike the paper, which starts from ImageNet. ``--pretrain-iters N`` plays ImageNet's part: a
 classifier (SEAM alone) is first trained for N steps on a separate synthetic set with all 20 classes
 (``OUT/pretrain``, made once and shared by the seeds), and every variant then starts from its
-backbone in the official frozen-BatchNorm regime (``conv1a``/``b2`` never trained).
+backbone, with BatchNorm trained, or with ``--pretrain-freeze-bn`` in the official frozen-BatchNorm
+regime (``conv1a``/``b2`` never trained; on this small pretraining it learns far less).
 """
 
 from __future__ import annotations
@@ -125,8 +126,9 @@ def print_table(rows: dict) -> None:
 
 
 def _mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.fmean(values):6.2f} ± {sd:5.2f}"
+    if len(values) < 2:
+        return f"{statistics.fmean(values):6.2f} (1 run)"
+    return f"{statistics.fmean(values):6.2f} ± {statistics.stdev(values):5.2f}"
 
 
 def print_summary(runs: dict[str, dict]) -> None:
@@ -172,6 +174,11 @@ def pretrained_backbone(args: argparse.Namespace) -> Path:
     out = args.out / "pretrain"
     final = out / "run" / "final.safetensors"
     if final.exists():
+        done = json.loads((out / "run" / "config.json").read_text())["iters"]
+        if done != args.pretrain_iters:
+            raise SystemExit(
+                f"{final} was pretrained for {done} steps, not {args.pretrain_iters}: use another --out"
+            )
         return final
     data = out / "data"
     if not (data / "classes.txt").exists():
@@ -223,7 +230,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     w = int(args.size.split("x")[0])
     base = base_config(args, data, seed)
     if args.pretrain_iters:
-        base = replace(base, init=str(pretrained_backbone(args)), freeze_bn=True)
+        base = replace(base, init=str(pretrained_backbone(args)), freeze_bn=args.pretrain_freeze_bn)
     scales = (0.5, 1.0, 1.5, 2.0) if w >= 96 else (1.0, 1.5, 2.0)
     rows = {}
     for name in args.variants.split(","):
@@ -267,6 +274,9 @@ def main() -> None:
     )
     p.add_argument("--pretrain-train", type=int, default=400, help="images of the pretraining set")
     p.add_argument("--pretrain-seed", type=int, default=1000)
+    p.add_argument(
+        "--pretrain-freeze-bn", action="store_true", help="the official frozen-BN regime after pretraining"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
