@@ -169,6 +169,22 @@ def summarize(dirs: list[Path]) -> None:
     print_summary(runs)
 
 
+def synthetic_set(data: Path, size: tuple[int, int], *, train: int, val: int, seed: int, k: int) -> Path:
+    """``data``, generated unless a finished set is already there."""
+    if not (data / "classes.txt").exists():
+        synthesize(data, train=train, val=val, seed=seed, size=size, num_classes=k)
+    return data
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"128x96"`` -> (128, 96)."""
+    try:
+        w, h = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size: {text!r} is not WxH") from None
+    return w, h
+
+
 def pretrained_backbone(args: argparse.Namespace) -> Path:
     """Train (once) the classifier whose backbone every variant starts from; its final checkpoint."""
     out = args.out / "pretrain"
@@ -180,12 +196,9 @@ def pretrained_backbone(args: argparse.Namespace) -> Path:
                 f"{final} was pretrained for {done} steps, not {args.pretrain_iters}: use another --out"
             )
         return final
-    data = out / "data"
-    if not (data / "classes.txt").exists():
-        w, h = (int(v) for v in args.size.split("x"))
-        synthesize(
-            data, train=args.pretrain_train, val=1, seed=args.pretrain_seed, size=(w, h), num_classes=20
-        )
+    data = synthetic_set(
+        out / "data", args.size, train=args.pretrain_train, val=1, seed=args.pretrain_seed, k=20
+    )
     cfg = replace(
         base_config(args, data, args.pretrain_seed),
         out=str(out / "run"),
@@ -221,13 +234,10 @@ def base_config(args: argparse.Namespace, data: Path, seed: int) -> TrainConfig:
 
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    data = args.data
-    if data is None:
-        data = out / "data"
-        if not (data / "classes.txt").exists():
-            w, h = (int(v) for v in args.size.split("x"))
-            synthesize(data, train=args.train, val=args.val, seed=seed, size=(w, h), num_classes=args.classes)
-    w = int(args.size.split("x")[0])
+    data = args.data or synthetic_set(
+        out / "data", args.size, train=args.train, val=args.val, seed=seed, k=args.classes
+    )
+    w = args.size[0]
     base = base_config(args, data, seed)
     if args.pretrain_iters:
         base = replace(base, init=str(pretrained_backbone(args)), freeze_bn=args.pretrain_freeze_bn)
@@ -255,7 +265,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, help="existing synthetic (or other VOC-layout) dataset")
     p.add_argument("--train", type=int, default=200)
     p.add_argument("--val", type=int, default=60)
-    p.add_argument("--size", default="128x96")
+    p.add_argument("--size", type=parse_size, default=(128, 96), help="WxH of the generated images")
     p.add_argument("--classes", type=int, default=5)
     p.add_argument("--iters", type=int, default=1500)
     p.add_argument("--batch", type=int, default=8)
