@@ -1,13 +1,14 @@
-"""Per-layer time and error of Winograd F(2x2, 3x3) (:mod:`hsc.model.winograd`) against the direct
-convolution, on the 3x3 layers of the real network at the shapes one image's CAM pass gives them.
+"""Per-layer time and error of Winograd (:mod:`hsc.model.winograd`) against the direct convolution,
+on the 3x3 layers of the real network at the shapes one image's CAM pass gives them.
 
 One ``forward_cam`` of the HSC network (seeded random weights, ``--width``) at each ``--scales``
 of a ``--size`` image records the input of every 3x3 stride-1 same-size convolution. For each distinct
-(channels, dilation, size) it times, in ``--dtype`` (bfloat16: the fast mode), oneDNN's direct
-convolution against :func:`winograd_conv3x3` on channels_last inputs (median of ``--repeat``), and
-measures both results' error against a float64 convolution (mean and max of ``|y - y64|``, relative
-to the mean ``|y64|``). Rows marked ``*`` are the ones :func:`use_winograd` replaces (both channel
-counts >= ``MIN_CHANNELS`` in bfloat16, ``MIN_CHANNELS_FP32`` in float32: the Predictor's rule).
+(channels, dilation, size) it times, in ``--dtype`` (bfloat16: the fast mode, F(2x2, 3x3); float32:
+the exact mode, F(4x4, 3x3); ``--tile`` to choose), oneDNN's direct convolution against
+:func:`winograd_conv3x3` on channels_last inputs (median of ``--repeat``), and measures both results'
+error against a float64 convolution (mean and max of ``|y - y64|``, relative to the mean ``|y64|``).
+Rows marked ``*`` are the ones :func:`use_winograd` replaces (both channel counts >= ``MIN_CHANNELS``
+in bfloat16, ``MIN_CHANNELS_FP32`` in float32: the Predictor's rule).
 The last line sums the network's 3x3 time both ways.
 
 Run from the repository root::
@@ -31,6 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default="500x375", help="image size WxH (VOC: 500x375)")
     ap.add_argument("--scales", default="1.0", help="image scales, comma-separated")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument(
+        "--tile",
+        type=int,
+        choices=(0, 2, 4),
+        default=0,
+        help="F(m x m, 3x3); 0: the Predictor's (fp32 4, bf16 2)",
+    )
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per layer (median)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = ap.parse_args(argv)
@@ -52,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     min_channels = MIN_CHANNELS if dtype == torch.bfloat16 else MIN_CHANNELS_FP32
+    tile = a.tile or (2 if dtype == torch.bfloat16 else 4)
     w, h = (int(v) for v in a.size.lower().split("x"))
     scales = [float(s) for s in a.scales.split(",") if s]
     torch.manual_seed(0)
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}, width {a.width}, "
-        f"{w}x{h} at scales {scales}; Winograd from {min_channels} channels"
+        f"{w}x{h} at scales {scales}; Winograd F({tile}x{tile}, 3x3) from {min_channels} channels"
     )
     print(
         f"{'':2}{'c_in':>5}{'c_out':>6}{'dil':>4}{'size':>10}{'n':>3}{'direct ms':>11}{'wino ms':>10}"
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             weight = conv.weight
             x = torch.randn(1, c, hh, ww).to(memory_format=torch.channels_last)
             xd, wd = x.to(dtype), weight.to(dtype).contiguous(memory_format=torch.channels_last)
-            u = winograd_weights(weight, dtype)
+            u = winograd_weights(weight, dtype, tile)
             t_direct = timed(F.conv2d, xd, wd, None, 1, d, d)
             t_wino = timed(winograd_conv3x3, xd, u, d)
             y64 = F.conv2d(x.double(), weight.double(), None, 1, d, d)

@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     mode: Literal["exact", "fast"] = Field(default="exact", description="exact fp32, or fast bf16/fp16")
     winograd: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="Winograd F(2x2,3x3) for the wide 3x3 convolutions on the CPU; auto: where it pays",
+        description="Winograd for the wide 3x3 convolutions on the CPU (exact: float32 F(4x4,3x3), "
+        "fast: bfloat16 F(2x2,3x3)); auto: exact always, fast where it pays (AVX-512 bf16, no AMX)",
     )
     compile: bool = Field(
         default=False,

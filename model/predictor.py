@@ -8,9 +8,10 @@ the original image size). The numbers come from :mod:`.cam`.
 Two modes share one code path (:func:`.cam.multiscale_cam`):
 
 * ``"exact"`` (default): float32 -- the golden-tested computation, CAMs within 1e-4 of the official
-  inference (measured: 2.4e-7 at width 1.0). On the CPU it runs channels_last and one pass at a time
-  (faster than a batch of two there, and half the memory); on CUDA it batches each scale with its
-  flip and switches TF32 off.
+  inference (measured: 2.4e-7 at width 1.0 with direct convolutions, 2.7e-6 with Winograd). On the CPU
+  it runs channels_last, one pass at a time (faster than a batch of two there, and half the memory),
+  and the 3x3 convolutions with 512 or more channels by float32 Winograd F(4x4, 3x3)
+  (:mod:`.winograd`); on CUDA it batches each scale with its flip and switches TF32 off.
 * ``"fast"``: the network runs under ``torch.autocast`` (bfloat16 on CPU; bfloat16 on CUDA where
   supported, else float16) with channels_last tensors; softmax, resizing, merging and normalisation
   stay float32. On a CPU with AVX-512 bfloat16 but no AMX, the 3x3 convolutions with 256 or more
@@ -20,10 +21,12 @@ Two modes share one code path (:func:`.cam.multiscale_cam`):
   CAM difference max 0.021, mean 0.0024 (direct bfloat16 convolutions, AMX CPU); with Winograd
   99.71-99.82 %, CRF 99.98-100 %, max 0.032, mean 0.0026-0.0028.
 
-On 2 CPU threads (500x375, 4 scales x flip, CRF), against the official script in the same run: on a
-CPU with AMX (Sapphire Rapids class) the exact mode takes 0.97x its time and the fast mode 0.21x; on
-one with AVX-512 bfloat16 and no AMX the exact mode 0.82-0.91x (0.74x with ``compile=True``) and the
-fast mode 0.355x with Winograd (0.37-0.40x without).
+On 2 CPU threads (500x375, 4 scales x flip, CRF), against the official script in the same run: on an
+AMD EPYC (AVX-512 bfloat16, no AMX) the exact mode takes 0.71-0.76x its time with Winograd (0.93-1.00x
+with direct convolutions) and the fast mode 0.33-0.35x with Winograd (0.46x without); with direct
+convolutions, on a CPU with AMX (Sapphire Rapids class) the exact mode took 0.97x and the fast mode
+0.21x, on a Xeon with AVX-512 bfloat16 and no AMX the exact mode 0.82-0.91x (0.74x with
+``compile=True``).
 
 Datasets (:meth:`Predictor.predict_many`): up to ``batch_images`` images of one size share each
 scale's forward (:func:`.cam.multiscale_cams`; default 4 on CUDA, where one VOC image leaves most of
@@ -362,15 +365,16 @@ class Predictor:
         compile: ``torch.compile`` the network (inductor, dynamic shapes, frozen weights): about
             20 s once, then ~10 % faster per image on the CPU in float32; pays for datasets, not for
             single images. CAMs move by ~1e-7 in exact mode.
-        winograd: run the wide 3x3 convolutions by Winograd F(2x2, 3x3) (:mod:`.winograd`; 2.25x
-            fewer multiply-adds), CPU only: in the fast mode those with 256 or more channels, in
-            bfloat16; in the exact mode those with 512 or more, in float32 (still within the golden
-            1e-4; its error against float64 is below the direct convolution's). Default: on in the
+        winograd: run the wide 3x3 convolutions by Winograd (:mod:`.winograd`), CPU only: in the
+            exact mode those with 512 or more channels by F(4x4, 3x3) in float32 (4x fewer
+            multiply-adds; CAMs still within 3e-6 of the official ones, far inside the golden 1e-4),
+            in the fast mode those with 256 or more by F(2x2, 3x3) in bfloat16 (2.25x fewer).
+            Default: on in the exact mode (EPYC, width 1.0: 50 s instead of 62-65 s per image, for
+            1.2 GB more memory: the transformed filters are 4x the weights they replace); in the
             fast mode where the CPU has AVX-512 bfloat16 but no AMX (oneDNN has no Winograd of its
-            own there; the network ~12 % faster at width 1.0); off with AMX (its direct bfloat16
-            convolution is faster), with ``compile=True`` (its layers run eagerly, breaking the
-            compiled graph) and in the exact mode (measured on an AMX CPU: 41.4 s against 44.1 s
-            per image at width 1.0, for 0.8 GB more memory). Replaces modules of ``net`` in place.
+            own there; the network ~25 % faster), not with AMX (its direct bfloat16 convolution is
+            faster); never with ``compile=True`` (its layers run eagerly, breaking the compiled
+            graph). ``False`` saves the memory. Replaces modules of ``net`` in place.
         checkpoint_sha256: recorded in ``settings`` (set by :meth:`from_checkpoint`).
     """
 
@@ -437,17 +441,18 @@ class Predictor:
             p.requires_grad_(False)
         if winograd is None:
             winograd = (
-                mode == "fast"
-                and self.device.type == "cpu"
-                and self.dtype == torch.bfloat16
-                and pays_on_this_cpu()
+                self.device.type == "cpu"
                 and not compile  # each Winograd layer would break the compiled graph
+                and (self.dtype == torch.float32 or (self.dtype == torch.bfloat16 and pays_on_this_cpu()))
             )
         if winograd and self.device.type != "cpu":
             raise ValueError("winograd applies to the CPU only (cuDNN chooses its own algorithms)")
         min_channels = MIN_CHANNELS if self.dtype == torch.bfloat16 else MIN_CHANNELS_FP32
+        # float32 affords F(4x4, 3x3) (4x fewer multiply-adds, error still ~2e-6 of a layer's output);
+        # bfloat16 keeps F(2x2, 3x3), whose small coefficients add the least rounding
+        tile = 4 if self.dtype == torch.float32 else 2
         self.winograd_layers = (
-            tuple(use_winograd(net, self.dtype, min_channels=min_channels, only=_cam_convs(net)))
+            tuple(use_winograd(net, self.dtype, min_channels=min_channels, only=_cam_convs(net), tile=tile))
             if winograd
             else ()
         )
