@@ -9,7 +9,7 @@ its own, and the runs do not share warm caches):
   foreground channels, the 21-channel argmax PNG, the CRF, and its three outputs (``cam_npy`` dict,
   grey PNG, CRF ``npy`` dict);
 * ``exact`` -- :class:`hsc.model.predictor.Predictor` in exact mode (float32, official numbers; on the
-  CPU float32 Winograd F(4x4, 3x3) for the 3x3 layers with >= 512 channels);
+  CPU float32 Winograd F(4x4, 3x3) for the 3x3 layers with >= 256 channels);
 * ``fast``  -- the predictor in fast mode (bfloat16 autocast + channels_last on the CPU, and Winograd
   for the wide 3x3 layers where :func:`hsc.model.winograd.pays_on_this_cpu`);
 * ``exact-direct``, ``exact-winograd``, ``fast-direct``, ``fast-winograd`` -- a mode with Winograd

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "on", "off"),
         default="auto",
         help="Winograd for the wide 3x3 convolutions on the CPU (default auto: the exact mode always, "
-        "the fast mode where it pays; off: 1.2 GB less memory at width 1.0)",
+        "the fast mode where it pays; off: 1.25 GB less memory at width 1.0)",
     )
     inf.add_argument(
         "--compile",

@@ -8,10 +8,10 @@ the original image size). The numbers come from :mod:`.cam`.
 Two modes share one code path (:func:`.cam.multiscale_cam`):
 
 * ``"exact"`` (default): float32 -- the golden-tested computation, CAMs within 1e-4 of the official
-  inference (measured: 2.4e-7 at width 1.0 with direct convolutions, 2.7e-6 with Winograd). On the CPU
-  it runs channels_last, one pass at a time (faster than a batch of two there, and half the memory),
-  and the 3x3 convolutions with 512 or more channels by float32 Winograd F(4x4, 3x3)
-  (:mod:`.winograd`); on CUDA it batches each scale with its flip and switches TF32 off.
+  inference (measured at width 1.0 on 500x375 images: 4.0e-6 with direct convolutions, 3.7e-6 with
+  Winograd). On the CPU it runs channels_last, one pass at a time (faster than a batch of two there,
+  and half the memory), and the 3x3 convolutions with 256 or more channels by float32 Winograd
+  F(4x4, 3x3) (:mod:`.winograd`); on CUDA it batches each scale with its flip and switches TF32 off.
 * ``"fast"``: the network runs under ``torch.autocast`` (bfloat16 on CPU; bfloat16 on CUDA where
   supported, else float16) with channels_last tensors; softmax, resizing, merging and normalisation
   stay float32. On a CPU with AVX-512 bfloat16 but no AMX, the 3x3 convolutions with 256 or more
@@ -22,8 +22,8 @@ Two modes share one code path (:func:`.cam.multiscale_cam`):
   99.71-99.82 %, CRF 99.98-100 %, max 0.032, mean 0.0026-0.0028.
 
 On 2 CPU threads (500x375, 4 scales x flip, CRF), against the official script in the same run: on an
-AMD EPYC (AVX-512 bfloat16, no AMX) the exact mode takes 0.71-0.76x its time with Winograd (0.93-1.00x
-with direct convolutions) and the fast mode 0.33-0.35x with Winograd (0.46x without); with direct
+AMD EPYC (AVX-512 bfloat16, no AMX) the exact mode takes 0.71-0.72x its time with Winograd (0.93-1.00x
+with direct convolutions) and the fast mode 0.32-0.35x with Winograd (0.46x without); with direct
 convolutions, on a CPU with AMX (Sapphire Rapids class) the exact mode took 0.97x and the fast mode
 0.21x, on a Xeon with AVX-512 bfloat16 and no AMX the exact mode 0.82-0.91x (0.74x with
 ``compile=True``).
@@ -366,11 +366,11 @@ class Predictor:
             20 s once, then ~10 % faster per image on the CPU in float32; pays for datasets, not for
             single images. CAMs move by ~1e-7 in exact mode.
         winograd: run the wide 3x3 convolutions by Winograd (:mod:`.winograd`), CPU only: in the
-            exact mode those with 512 or more channels by F(4x4, 3x3) in float32 (4x fewer
-            multiply-adds; CAMs still within 3e-6 of the official ones, far inside the golden 1e-4),
+            exact mode those with 256 or more channels by F(4x4, 3x3) in float32 (4x fewer
+            multiply-adds; CAMs still within 4e-6 of the official ones, far inside the golden 1e-4),
             in the fast mode those with 256 or more by F(2x2, 3x3) in bfloat16 (2.25x fewer).
-            Default: on in the exact mode (EPYC, width 1.0: 50 s instead of 62-65 s per image, for
-            1.2 GB more memory: the transformed filters are 4x the weights they replace); in the
+            Default: on in the exact mode (EPYC, width 1.0: 45-49 s instead of 61-64 s per image, for
+            1.25 GB more memory: the transformed filters are 4x the weights they replace); in the
             fast mode where the CPU has AVX-512 bfloat16 but no AMX (oneDNN has no Winograd of its
             own there; the network ~25 % faster), not with AMX (its direct bfloat16 convolution is
             faster); never with ``compile=True`` (its layers run eagerly, breaking the compiled

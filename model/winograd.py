@@ -29,11 +29,10 @@ gain).
 Where it is used (:class:`~hsc.model.predictor.Predictor`, :func:`use_winograd`; measured with
 ``benchmarks/bench_winograd.py`` and ``benchmarks/bench_inference.py``, 2 threads):
 
-* the exact mode (float32), F(4x4, 3x3) on the 3x3 layers with 512 or more channels, by default on
-  every CPU: on an AMD EPYC those layers take 1.6-2.7x less time than oneDNN's direct convolution at
-  125x94 (F(2x2, 3x3): 1.2-1.8x), the whole exact pipeline ~0.71x of the official script's time
-  instead of ~0.93-1.00x. The transformed filters take 4x the memory of the 3x3 weights they replace
-  (1.2 GB at width 1.0).
+* the exact mode (float32), F(4x4, 3x3) on the 3x3 layers with 256 or more channels, by default on
+  every CPU: on an AMD EPYC those layers take 1.8-3.5x less time than oneDNN's direct convolution
+  (F(2x2, 3x3): 1.2-1.8x). The transformed filters take 4x the memory of the 3x3 weights they replace
+  (1.25 GB at width 1.0).
 * the fast mode (bfloat16), F(2x2, 3x3) on the 3x3 layers with 256 or more channels, by default only
   where it pays (:func:`pays_on_this_cpu`): a CPU with AVX-512 bfloat16 instructions but no AMX tiles.
   AMX (Intel Sapphire Rapids and later) runs oneDNN's direct bfloat16 convolution several times faster
@@ -72,14 +71,16 @@ TILES = tuple(_G)
 # direct convolution (measured: 128 -> 128 channels at 188x250 is 1.3x slower; 256 -> 256 at 94x125
 # is 1.3x faster).
 MIN_CHANNELS = 256
-# In float32 the direct convolution is relatively faster: 256 -> 256 at 250x188 gains nothing by
-# F(4x4, 3x3) (1.03x, EPYC), 512 -> 512 at 125x94 1.6x, 1024 -> 2048 2.6x (F(2x2, 3x3): 256 -> 256 at
-# 125x94 1.25x slower, 512 -> 512 at 63x47 1.39x faster on an AMX CPU; ``benchmarks/bench_winograd.py``).
-MIN_CHANNELS_FP32 = 512
-# Chunk size of the transformed tiles (winograd_conv3x3's block_bytes): 1-16 MiB all beat one
-# chunk for the whole image, 4 MiB by a little (fp32, 512 -> 512 at 125x94: 105 ms against 180 ms
-# unchunked and 162 ms direct).
-BLOCK_BYTES = 1 << 22
+# The exact mode's float32 F(4x4, 3x3) (AMD EPYC, 2 threads, 32 MiB chunks): 128 -> 128 at 500x375
+# 1.1-1.2x (too close to call), 256 -> 256 at 250x188 1.8x, 512 -> 512 at 125x94 2.3x, 1024 -> 512
+# 3.5x, 1024 -> 2048 2.7x faster than oneDNN's direct convolution (``benchmarks/bench_winograd.py``).
+MIN_CHANNELS_FP32 = 256
+# Chunk size of the transformed tiles (winograd_conv3x3's block_bytes), by tile. F(2x2, 3x3): on an
+# AMX Xeon 1-16 MiB all beat one chunk for the whole image (fp32, 512 -> 512 at 125x94: 105 ms at
+# 4 MiB against 180 ms unchunked and 162 ms direct); on the EPYC bfloat16 16 MiB beats 4 MiB by
+# 10-20 %. F(4x4, 3x3), float32, EPYC: 32 MiB is 1.3-2x faster than 4 MiB (each chunk streams all the
+# (C_in x C_out) filters; small chunks make short, filter-bound matrix products), 64-128 MiB no better.
+BLOCK_BYTES = {2: 1 << 24, 4: 1 << 25}
 
 
 def pays_on_this_cpu() -> bool:
@@ -187,7 +188,7 @@ def winograd_conv3x3(
     u: Tensor,
     dilation: int = 1,
     bias: Tensor | None = None,
-    block_bytes: int = BLOCK_BYTES,
+    block_bytes: int | None = None,
 ) -> Tensor:
     """``F.conv2d(x, w, bias, padding=dilation, dilation=dilation)`` by Winograd F(m x m, 3x3).
 
@@ -198,7 +199,8 @@ def winograd_conv3x3(
         dilation: the convolution's dilation (and padding: the output has the input's size).
         bias: optional ``(C_out,)``.
         block_bytes: rows of blocks are transformed, multiplied and transformed back in chunks whose
-            transformed tiles take about this many bytes, so they stay in the CPU's caches.
+            transformed tiles take about this many bytes, so they stay in the CPU's caches (default:
+            ``BLOCK_BYTES[m]``).
     """
     n, c, h, w = x.shape
     m = tile_of(u)
@@ -211,7 +213,7 @@ def winograd_conv3x3(
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, d, m * d * nw - w + m * d, d, m * d * nh - h + m * d))
     y = x.new_empty((n, nh, m, d, nw, m, d, c_out))
     row_bytes = (m + 2) ** 2 * n * d * nw * d * max(c, c_out) * x.element_size()
-    step = max(1, block_bytes // row_bytes)
+    step = max(1, (block_bytes or BLOCK_BYTES[m]) // row_bytes)
     for i0 in range(0, nh, step):
         nb = min(step, nh - i0)
         _blocks(xp.narrow(1, m * d * i0, m * d * nb + (m + 1) * d), u, d, m, nb, nw, y[:, i0 : i0 + nb])

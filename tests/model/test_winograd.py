@@ -171,9 +171,10 @@ def test_predictor_uses_it_in_the_fast_cpu_mode_only():
     assert all(fast.net.get_submodule(n).tile == 2 for n in fast.winograd_layers)  # bfloat16: F(2x2)
     exact = Predictor(net(), info, device="cpu", winograd=False)
     assert not exact.winograd and exact.winograd_layers == ()
-    exact_w = Predictor(net(), info, device="cpu")  # the exact mode's default: float32, >= 512 channels
+    exact_w = Predictor(net(), info, device="cpu")  # the exact mode's default: float32, >= 256 channels
     assert exact_w.winograd and "b7.conv_branch2b1" in exact_w.winograd_layers  # 512 -> 1024
-    assert "b6.conv_branch2b1" not in exact_w.winograd_layers  # 256 -> 512
+    assert "b6.conv_branch2b1" in exact_w.winograd_layers  # 256 -> 512
+    assert "b3_1.conv_branch2a" not in exact_w.winograd_layers  # 128
     assert all(exact_w.net.get_submodule(n).u.dtype == torch.float32 for n in exact_w.winograd_layers)
     assert all(exact_w.net.get_submodule(n).tile == 4 for n in exact_w.winograd_layers)  # F(4x4)
     assert not Predictor(net(), info, device="cpu", compile=True).winograd
