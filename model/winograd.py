@@ -268,13 +268,16 @@ class WinogradConv2d(nn.Module):
             raise ValueError(f"not a 3x3 stride-1 same-size convolution: {conv}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.dilation = conv.dilation[0]
-        self.tile = tile
         self.register_buffer("u", winograd_weights(conv.weight, dtype, tile), persistent=False)
         bias = None if conv.bias is None else conv.bias.detach().to(dtype)
         self.register_buffer("bias", bias, persistent=False)
 
     u: Tensor
     bias: Tensor | None
+
+    @property
+    def tile(self) -> int:
+        return tile_of(self.u)
 
     @torch.compiler.disable  # eager: Dynamo cannot trace the chunks' out= writes (a graph break)
     def forward(self, x: Tensor) -> Tensor:
