@@ -57,7 +57,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from hsc.model.checkpoint import load_any
+    from hsc.model.seg_checkpoint import is_segmenter_file, load_segmenter
 
+    if is_segmenter_file(args.checkpoint):
+        seg = load_segmenter(args.checkpoint, placeholder_names=True)
+        seg_info = {
+            "path": str(args.checkpoint),
+            "sha256": seg.sha256,
+            "kind": "step-2 segmenter (DeepLab)",
+            "source_format": seg.source_format,
+            "labels": list(seg.label_names),
+            "net": seg.net.config(),
+            "num_parameters": sum(p.numel() for p in seg.net.parameters()),
+            "step": seg.step,
+            "meta": seg.meta,
+        }
+        print(json.dumps(seg_info, indent=2, default=str))
+        return 0
     ck = load_any(args.checkpoint)
     info = {
         "path": str(args.checkpoint),
@@ -85,10 +101,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_seg(args: argparse.Namespace) -> int:
+    import logging
+
+    from hsc.training.seg_config import seg_config_from_args
+    from hsc.training.train_seg import train_seg
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    final = train_seg(seg_config_from_args(args))
+    print(f"wrote {final}")
+    return 0
+
+
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from hsc.training.synth import run_synth
 
     return run_synth(args)
+
+
+def _report_dataset_run(s: dict[str, Any], out: Path) -> int:
+    """Print the counts of an ``hsc infer``/``hsc segment`` run; exit status 3 when images failed."""
+    print(
+        f"{s['done']} done, {s['skipped_existing']} already there, {s['failed']} failed of {s['total']}; "
+        f"summary in {out / 'summary.json'}"
+    )
+    for f in s["failures"][:20]:
+        print(f"  failed {f['id']}: {f['error']}", file=sys.stderr)
+    return 0 if s["failed"] == 0 else 3
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
@@ -111,13 +150,35 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         compile=args.compile,
         progress=not args.quiet,
     )
-    print(
-        f"{s['done']} done, {s['skipped_existing']} already there, {s['failed']} failed of {s['total']}; "
-        f"summary in {Path(args.out) / 'summary.json'}"
+    return _report_dataset_run(s, Path(args.out))
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    """argparse type: a comma-separated list of positive resize rates, e.g. ``0.5,1,1.5``."""
+    try:
+        rates = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not rates or any(not (r > 0 and r != float("inf")) for r in rates):
+        raise argparse.ArgumentTypeError(f"need one or more finite rates > 0, got {text!r}")
+    return rates
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from hsc.training.segment import DEFAULT_SCALES, segment_dataset
+
+    s = segment_dataset(
+        args.checkpoint,
+        args.data,
+        args.out,
+        split=args.split,
+        scales=args.scales or DEFAULT_SCALES,
+        flip=not args.no_flip,
+        crf=not args.no_crf,
+        device=args.device,
+        progress=not args.quiet,
     )
-    for f in s["failures"][:20]:
-        print(f"  failed {f['id']}: {f['error']}", file=sys.stderr)
-    return 0 if s["failed"] == 0 else 3
+    return _report_dataset_run(s, Path(args.out))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -245,6 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(t)
     t.set_defaults(handler=_cmd_train)
 
+    ts = sub.add_parser(
+        "train-seg",
+        help="step 2: train the DeepLab segmentation network on pseudo-labels",
+        description="Train the official step-2 network (deep-stem dilated ResNet-101 + ASPP) on the "
+        "images of a dataset and a folder of label PNGs (hsc infer's PRED/masks, or 'gt'), and write "
+        "RUN/final.safetensors for hsc segment. Defaults are the official code's; --config FILE (JSON) "
+        "applies first and the flags given override it.",
+    )
+    from hsc.training.seg_config import add_seg_train_arguments
+
+    add_seg_train_arguments(ts)
+    ts.set_defaults(handler=_cmd_train_seg)
+
     data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     synth = data_sub.add_parser(
@@ -297,6 +371,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inf.add_argument("--quiet", action="store_true", help="no progress bar")
     inf.set_defaults(handler=_cmd_infer)
+
+    sg = sub.add_parser(
+        "segment",
+        help="step 2: label maps from a DeepLab checkpoint for every image of a dataset split",
+        description="Run the step-2 test-time pipeline (multi-scale + flip mean of the logits, softmax, "
+        "dense CRF) over a VOC list or a manifest and write PRED/masks/<id>.png (VOC palette, 0 = "
+        "background; score them with hsc eval --masks) and PRED/summary.json. Resumable: finished "
+        "images are skipped. A bad image is reported and skipped. Exit status 3 when some images failed.",
+    )
+    sg.add_argument(
+        "--checkpoint", required=True, help="our step-2 .safetensors segmenter or the official step-2 .pth"
+    )
+    sg.add_argument(
+        "--data", required=True, help="dataset (VOC root or manifest); its classes must be the checkpoint's"
+    )
+    sg.add_argument("--out", required=True, help="output folder PRED")
+    sg.add_argument("--split", help="list to run on (VOC: ImageSets/Segmentation/<split>.txt)")
+    sg.add_argument(
+        "--scales",
+        type=_scales,
+        help="comma-separated resize rates (default: the official 0.5,0.75,1,1.25,1.5,1.75)",
+    )
+    sg.add_argument("--no-flip", action="store_true", help="do not add the width-flipped copies")
+    sg.add_argument("--no-crf", action="store_true", help="argmax of the softmax, without the dense CRF")
+    sg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    sg.add_argument("--quiet", action="store_true", help="no progress bar")
+    sg.set_defaults(handler=_cmd_segment)
 
     e = sub.add_parser(
         "eval",

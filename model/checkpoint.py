@@ -687,21 +687,32 @@ def save_checkpoint(
         "banks": bank_names,
         "num_parameters": sum(p.numel() for p in net.parameters()),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "software": {
-            "hsc": _package_version("hsc"),
-            "torch": torch.__version__,
-            "safetensors": safetensors.__version__,
-            "python": platform.python_version(),
-        },
+        "software": software_versions(),
         "extra": _jsonable(dict(extra or {}), "extra"),
     }
+    return write_safetensors_atomic(dst, tensors, meta)
+
+
+def software_versions() -> dict[str, str | None]:
+    """The versions recorded in a checkpoint's metadata."""
+    return {
+        "hsc": _package_version("hsc"),
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_safetensors_atomic(dst: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> str:
+    """Write ``tensors`` with ``meta`` as the one JSON metadata entry, through a temporary file in the
+    same folder, ``fsync`` and ``os.replace``; returns the SHA-256 of the file."""
     header = {META_KEY: json.dumps(meta, allow_nan=False)}
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=header)
+        safetensors.torch.save_file(dict(tensors), str(tmp), metadata=header)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         digest = file_sha256(tmp)
@@ -713,28 +724,44 @@ def save_checkpoint(
     return digest
 
 
-def _parse_meta(header: Mapping[str, str], source: str) -> dict[str, Any]:
+# what a file of another of our formats is for, named when it is given to the wrong loader
+FORMAT_HINTS = {
+    FORMAT: "a step-1 HSC checkpoint: use it with hsc infer",
+    "hsc-segmenter": "a step-2 segmenter: use it with hsc segment",
+}
+
+
+def parse_meta(
+    header: Mapping[str, str],
+    source: str,
+    *,
+    fmt: str = FORMAT,
+    max_version: int = FORMAT_VERSION,
+    no_meta_hint: str = "for a bare official state dict use load_any() or convert_official()",
+) -> dict[str, Any]:
+    """The JSON metadata of one of our safetensors files, checked to be of format ``fmt`` with a
+    ``format_version`` this code reads."""
     if META_KEY not in header:
         raise CheckpointError(
-            f"{source}: a safetensors file without hsc metadata, not an hsc checkpoint "
-            "(for a bare official state dict use load_any() or convert_official())"
+            f"{source}: a safetensors file without hsc metadata, not an {fmt} file ({no_meta_hint})"
         )
     try:
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{source}: the hsc metadata is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    found = meta.get("format") if isinstance(meta, dict) else meta
+    if not isinstance(meta, dict) or found != fmt:
+        hint = FORMAT_HINTS.get(found) if isinstance(found, str) else None
         raise CheckpointError(
-            f"{source}: metadata format is "
-            f"{meta.get('format') if isinstance(meta, dict) else meta!r}, not {FORMAT!r}"
+            f"{source}: metadata format is {found!r}, not {fmt!r}" + (f" ({hint})" if hint else "")
         )
     version = meta.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{source}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
+    if version > max_version:
         raise CheckpointError(
             f"{source}: format_version {version} was written by a newer hsc; "
-            f"this one reads versions up to {FORMAT_VERSION}"
+            f"this one reads versions up to {max_version}"
         )
     return meta
 
@@ -748,7 +775,7 @@ def load_checkpoint(path: PathLike, *, map_location: str | torch.device = "cpu")
             f"{p}: not an hsc checkpoint (not a safetensors file); official .pth files load with load_any()"
         )
     tensors, header = _read_safetensors(p)
-    meta = _parse_meta(header, str(p))
+    meta = parse_meta(header, str(p))
     info = _info_from_meta(meta, str(p))
     _check_class_names(info.class_names, info.net.num_classes, str(p))
     banks = {k[len(BANKS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(BANKS_PREFIX)}

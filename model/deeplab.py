@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,9 @@ class DeepLabV2(nn.Module):
       aspp_bn_momentum: BatchNorm momentum inside the ASPP (0.0003).
       backbone_bn_momentum: BatchNorm momentum of the backbone (0.1).
       dropout: probability of both dropouts (ASPP output and head).
-      layers: backbone blocks per stage; ``(3, 4, 23, 3)`` is ResNet-101 (smaller ones for tests).
+      layers: backbone blocks per stage; ``(3, 4, 23, 3)`` is ResNet-101 (``(3, 4, 6, 3)`` has
+        ResNet-50's depth; smaller ones for tests).
+      image_pooling: the ASPP's global branch (official: on).
 
     ``forward`` maps a normalised ``Bx3xHxW`` batch to logits ``Bxnum_classesxHxW``. The image-pooling
     branch has BatchNorm on a 1x1 map, so training mode needs a batch of at least 2.
@@ -120,6 +123,7 @@ class DeepLabV2(nn.Module):
         backbone_bn_momentum: float = 0.1,
         dropout: float = 0.5,
         layers: tuple[int, int, int, int] = BLOCKS_RESNET101,
+        image_pooling: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -133,11 +137,38 @@ class DeepLabV2(nn.Module):
             out_channels=aspp_channels,
             rates=rates,
             bn_momentum=aspp_bn_momentum,
+            image_pooling=image_pooling,
             dropout=dropout,
         )
         self.dropout1 = nn.Dropout(dropout)
         self.cls_conv = nn.Conv2d(aspp_channels, num_classes, 1, bias=True)
         self._init_head()
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that fix the network's shape (stored in checkpoints)."""
+        return {
+            "num_classes": self.num_classes,
+            "stem": self.stem,
+            "layers": list(self.layers),
+            "aspp_channels": self.cls_conv.in_channels,
+            "rates": list(self.aspp.rates),
+            "image_pooling": self.aspp.image_pooling,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> DeepLabV2:
+        """A network of the shape :meth:`config` describes (unknown keys are refused)."""
+        known = {"num_classes", "stem", "layers", "aspp_channels", "rates", "image_pooling"}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown DeepLab settings: {', '.join(unknown)}")
+        kw = dict(cfg)
+        image_pooling = bool(kw.pop("image_pooling", True))
+        if "layers" in kw:
+            kw["layers"] = tuple(int(v) for v in kw["layers"])
+        if "rates" in kw:
+            kw["rates"] = tuple(int(v) for v in kw["rates"])
+        return cls(image_pooling=image_pooling, **kw)
 
     def _init_head(self) -> None:
         # cls_conv.bias keeps PyTorch's default uniform initialisation (official).

@@ -18,9 +18,32 @@ from typing import Any, Literal
 OFFICIAL_EPOCHS = 15  # the poly schedule of the official code spans (len(train) // batch) * 15 steps
 
 
+class SettingsDict:
+    """``to_dict``/``from_dict`` (JSON-able: tuples as lists) for the frozen settings dataclasses."""
+
+    WHAT = "settings"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """The settings of ``d`` (lists back to tuples), unknown keys refused in one message."""
+        defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown {cls.WHAT}: {', '.join(unknown)}")
+        as_tuple = {k for k, v in defaults.items() if isinstance(v, tuple)}
+        d = {k: tuple(v) if k in as_tuple and isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(SettingsDict):
     """Everything a step-1 run depends on (see ``hsc train --help`` for each field)."""
+
+    WHAT = "training settings"
 
     data: str = ""
     out: str = ""
@@ -84,22 +107,6 @@ class TrainConfig:
             return self.iters
         return max(1, (n_train // self.batch) * OFFICIAL_EPOCHS)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["resize_long"] = list(self.resize_long)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
-        d = dict(d)
-        if "resize_long" in d:
-            d["resize_long"] = tuple(d["resize_long"])
-        return cls(**d)
-
 
 HELP: dict[str, str] = {
     "data": "dataset: a VOC-layout root or a manifest (.jsonl, or a folder holding manifest.jsonl)",
@@ -150,39 +157,64 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags for every :class:`TrainConfig` field, defaulting to SUPPRESS so that only the flags given
-    override the config file."""
+def add_config_arguments(
+    p: argparse.ArgumentParser,
+    cls: type,
+    helps: dict[str, str],
+    *,
+    store_true: tuple[str, ...] = (),
+    choices: dict[str, list[str]] | None = None,
+    types: dict[str, type] | None = None,
+    metavars: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """A flag for every field of the config dataclass ``cls``, defaulting to SUPPRESS so that only the
+    flags given override a ``--config`` file.
+
+    Booleans get ``--x/--no-x`` (``store_true`` names plain switches), tuples take as many values as
+    their default has, other types follow the default's (``types`` for fields whose default is None).
+    """
     p.add_argument("--config", metavar="FILE", help="JSON file of settings (flags given override it)")
-    for f in fields(TrainConfig):
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": HELP.get(f.name, "")}
+    choices, types, metavars = choices or {}, types or {}, metavars or {}
+    for f in fields(cls):
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helps.get(f.name, "")}
         default = f.default
-        if f.name in ("no_hsc", "resume"):
+        if f.name in store_true:
             kw["action"] = "store_true"
-        elif f.type in ("bool",) or isinstance(default, bool):
+        elif isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
             kw["help"] += f" (default: {'on' if default else 'off'})"
-        elif f.name == "resize_long":
-            kw.update(nargs=2, type=int, metavar=("LOW", "HIGH"))
-        elif isinstance(default, float) or f.name in ("momentum", "width"):
-            kw["type"] = float
-        elif isinstance(default, int) or f.name in ("psc_topk", "max_step"):
-            kw["type"] = int
-        if f.name in ("baseline",):
-            kw["choices"] = ["eps", "seam"]
-        if f.name in ("rsc_norm_axis",):
-            kw["choices"] = ["width", "channel"]
+        elif isinstance(default, tuple):
+            kw.update(nargs=len(default), type=type(default[0]))
+            if f.name in metavars:
+                kw["metavar"] = metavars[f.name]
+        elif f.name in types:
+            kw["type"] = types[f.name]
+        elif isinstance(default, (int, float)):
+            kw["type"] = type(default)
+        if f.name in choices:
+            kw["choices"] = choices[f.name]
         if isinstance(default, tuple):
             kw["help"] += f" (default: {' '.join(str(v) for v in default)})"
         elif not isinstance(default, bool) and default not in ("", None):
             kw["help"] += f" (default: {default})"
-        if f.name in ("data", "out"):
-            kw["required"] = False
         p.add_argument(_flag(f.name), dest=f.name, **kw)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < ``--config`` file < flags given."""
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``hsc train`` flags: one per :class:`TrainConfig` field."""
+    add_config_arguments(
+        p,
+        TrainConfig,
+        HELP,
+        store_true=("no_hsc", "resume"),
+        choices={"baseline": ["eps", "seam"], "rsc_norm_axis": ["width", "channel"]},
+        types={"momentum": float, "psc_topk": int, "max_step": int},
+        metavars={"resize_long": ("LOW", "HIGH")},
+    )
+
+
+def settings_from_args(args: argparse.Namespace, cls: Any) -> Any:
+    """Defaults < ``--config`` file < flags given, as a ``cls`` (which has ``from_dict``)."""
     d: dict[str, Any] = {}
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -190,8 +222,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             d.update(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read the config file {path}: {e}") from None
-    names = {f.name for f in fields(TrainConfig)}
+    names = {f.name for f in fields(cls)}
     d.update({k: v for k, v in vars(args).items() if k in names})
     if not d.get("data") or not d.get("out"):
         raise ValueError("--data and --out are required (on the command line or in --config)")
-    return TrainConfig.from_dict(d)
+    return cls.from_dict(d)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < ``--config`` file < flags given."""
+    cfg: TrainConfig = settings_from_args(args, TrainConfig)
+    return cfg

@@ -21,8 +21,6 @@ import json
 import logging
 import math
 import os
-import signal
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,12 +39,18 @@ from hsc.model.losses.objective import LOSS_NAMES, ObjectiveConfig, TrainingObje
 
 from .config import TrainConfig
 from .datasets import HSCTrainDataset, open_dataset
+from .loop import (
+    FINAL,
+    prune_checkpoints,
+    read_state,
+    restore_rng_state,
+    run_steps,
+    save_rng_state,
+    save_state,
+)
 from .optim import PolySGD
 
 log = logging.getLogger("hsc.train")
-
-STATE_FILE = "state.pt"
-FINAL = "final.safetensors"
 
 
 class TwoViews(nn.Module):
@@ -271,21 +275,11 @@ def _model_info(run: Run) -> ModelInfo:
     )
 
 
-def _rng_file(run: Run) -> Path:
-    return run.out / f"rng.rank{run.dist.rank}.pt"
-
-
 def save_run_checkpoint(run: Run, path: Path, *, with_state: bool) -> None:
     """Rank 0 writes the checkpoint (and ``state.pt``); every rank writes its own RNG state, so a
     resumed run draws the same dropout masks as an uninterrupted one."""
     if with_state:
-        rng = {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        tmp = _rng_file(run).with_suffix(".tmp")
-        torch.save(rng, tmp)
-        os.replace(tmp, _rng_file(run))
+        save_rng_state(run.out, run.dist.rank)
     if run.dist.main:
         save_checkpoint(
             path,
@@ -296,37 +290,20 @@ def save_run_checkpoint(run: Run, path: Path, *, with_state: bool) -> None:
             step=run.step,
         )
         if with_state:
-            state = {"step": run.step, "checkpoint": path.name, "optimizer": run.opt.state_dict()}
-            tmp = run.out / (STATE_FILE + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, run.out / STATE_FILE)
+            save_state(run.out, step=run.step, checkpoint=path, optimizer=run.opt)
+            prune_checkpoints(run.out, run.cfg.keep_checkpoints)
     _barrier(run.dist)
 
 
-def _prune(run: Run) -> None:
-    if not run.dist.main:
-        return
-    kept = sorted(run.out.glob("step_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
-    for p in kept[: max(0, len(kept) - run.cfg.keep_checkpoints)]:
-        p.unlink(missing_ok=True)
-
-
 def resume_run(run: Run) -> None:
-    state_path = run.out / STATE_FILE
-    if not state_path.is_file():
-        raise ValueError(f"--resume: {state_path} does not exist (nothing to resume in {run.out})")
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = read_state(run.out)
     ck = load_checkpoint(run.out / state["checkpoint"])
     if tuple(ck.info.class_names) != run.class_names or ck.info.net != run.net.cfg:
         raise ValueError("--resume: the checkpoint's classes or network differ from this run's settings")
     run.net.load_state_dict(ck.net.state_dict(), strict=True)
     run.objective.hsc.banks.load_state_dict(ck.banks, strict=True)
     run.opt.load_state_dict(state["optimizer"])
-    if _rng_file(run).is_file():
-        rng = torch.load(_rng_file(run), map_location="cpu", weights_only=True)
-        torch.set_rng_state(rng["torch_rng"])
-        if torch.cuda.is_available() and rng["cuda_rng"]:
-            torch.cuda.set_rng_state_all(rng["cuda_rng"])
+    restore_rng_state(run.out, run.dist.rank)
     run.step = int(state["step"])
     # every step consumes exactly one batch, so the data position follows from the step (the
     # sampler itself runs ahead of the training loop when loader workers prefetch)
@@ -372,74 +349,31 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     run = build_run(cfg)
     if cfg.resume:
         resume_run(run)
-    else:
-        if run.dist.main:
-            (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    metrics = (run.out / "metrics.jsonl").open("a") if run.dist.main else open(os.devnull, "w")
-    interrupted = {"flag": False}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        interrupted["flag"] = True
-
-    previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
-    bar = _progress_bar(cfg.iters, run.step, progress and run.dist.main)
-    t_last, n_last = time.perf_counter(), 0
-    steps_here = 0
-    try:
-        for batch in _loader(run):
-            if run.step >= cfg.iters:
-                break
-            values = train_one_step(run, batch)
-            steps_here += 1
-            n_last += cfg.batch
-            if run.step % cfg.log_every == 0 or run.step == cfg.iters:
-                now = time.perf_counter()
-                values["images_per_s"] = n_last / max(now - t_last, 1e-9)
-                values["step"] = run.step
-                metrics.write(json.dumps(values) + "\n")
-                metrics.flush()
-                t_last, n_last = now, 0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k.replace("loss_", ""): f"{values[k]:.3f}" for k in LOSS_NAMES})
-            stop = interrupted["flag"] or (stop_after is not None and steps_here >= stop_after)
-            if run.step % cfg.save_every == 0 or stop:
-                save_run_checkpoint(run, run.out / f"step_{run.step}.safetensors", with_state=True)
-                _prune(run)
-            if stop:
-                if interrupted["flag"]:
-                    log.warning(
-                        "interrupted: checkpoint written at step %d; continue with --resume", run.step
-                    )
-                return run.out / f"step_{run.step}.safetensors"
-            if run.step >= cfg.iters:
-                break
-    finally:
-        metrics.close()
-        if bar is not None:
-            bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    elif run.dist.main:
+        (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    stopped = run_steps(
+        _loader(run),
+        step_fn=lambda batch: train_one_step(run, batch),
+        current_step=lambda: run.step,
+        save=lambda path: save_run_checkpoint(run, path, with_state=True),
+        out=run.out,
+        iters=cfg.iters,
+        images_per_step=cfg.batch,
+        log_every=cfg.log_every,
+        save_every=cfg.save_every,
+        main_process=run.dist.main,
+        progress=progress,
+        desc="hsc train",
+        postfix=lambda values: {k.replace("loss_", ""): f"{values[k]:.3f}" for k in LOSS_NAMES},
+        stop_after=stop_after,
+    )
+    if stopped is not None:
+        return stopped
     final = run.out / FINAL
     save_run_checkpoint(run, run.out / f"step_{run.step}.safetensors", with_state=True)
-    _prune(run)
     save_run_checkpoint(run, final, with_state=False)
     if run.dist.world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
     return final
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="hsc train")
