@@ -107,7 +107,7 @@ def add_seg_train_arguments(p: argparse.ArgumentParser) -> None:
         store_true=("resume",),
         choices={"stem": ["deep", "torchvision"]},
         types={"max_step": int},
-        metavars={"scale": ("LOW", "HIGH")},
+        metavars={"scale": ("LOW", "HIGH"), "layers": ("L1", "L2", "L3", "L4")},
     )
 
 

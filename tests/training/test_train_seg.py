@@ -255,3 +255,27 @@ def test_cli_trains_from_flags_and_a_config_file(mini, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "step-2 segmenter (DeepLab)" and info["step"] == 1
     assert info["net"]["layers"] == list(TINY) and info["labels"][0] == "background"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(mini, tmp_path):
+    """DistributedDataParallel over 2 CPU processes (gloo), launched as a user would with torchrun."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "hsc.core.cli", "train-seg", "--data", str(mini / "data"), "--labels", str(mini / "labels"),
+        "--out", str(out), "--layers", "1", "1", "1", "1", "--aspp-channels", "16", "--crop", "32",
+        "--iters", "2", "--batch", "4", "--workers", "0", "--log-every", "1", "--device", "cpu",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_segmenter(out / "final.safetensors").step == 2
+    assert [x["step"] for x in _metrics(out)] == [1, 2]  # rank 0 alone writes the metrics
+    assert (out / "rng.rank0.pt").is_file() and (out / "rng.rank1.pt").is_file()
+    with pytest.raises(ValueError, match="batch must be >= 2"):
+        _cfg(mini, tmp_path / "x", batch=1)
