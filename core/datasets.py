@@ -399,6 +399,7 @@ def open_voc(
     saliency_root: PathLike | None = None,
     require_masks: bool = False,
     require_saliency: bool = False,
+    require_labels: bool = True,
     verify_images: bool = False,
 ) -> DatasetIndex:
     """Open a dataset in the PASCAL VOC layout (see the module docstring).
@@ -415,6 +416,9 @@ def open_voc(
         saliency_root: folder of ``<id>.png`` saliency maps (default ``<root>/saliency`` if present).
         require_masks: a missing mask is an error (evaluation).
         require_saliency: a missing saliency map is an error (EPS training).
+        require_labels: an image without image-level labels is an error (step-1 training and CAM
+            inference need them). ``False`` (step 2, which needs none, e.g. on VOC's test split):
+            such an item gets an all-zero label vector.
         verify_images: also open every image/mask/saliency file with Pillow (``verify()``).
 
     Raises:
@@ -484,6 +488,8 @@ def open_voc(
                 probs.add(list_path, f"saliency map not found: {cand}", line)
 
         labels = table.get(id_)
+        if labels is None and mask is None and not require_labels:
+            labels = np.zeros(k, np.float32)
         if labels is None:
             if mask is None:
                 src = f"not in {cls_path.name}" if table else f"no {CLS_LABELS_NAME}"
@@ -499,7 +505,7 @@ def open_voc(
                     list_path, f"mask {mask} holds label values {bad} outside 1..{k} (and 0, 255)", line
                 )
                 continue
-        if not labels.any():
+        if require_labels and not labels.any():
             probs.add(list_path, f"empty label list for {id_!r}", line)
             continue
         items.append(Item(id_, image, labels, mask, sal))
@@ -526,6 +532,7 @@ def open_manifest(
     default_classes: Sequence[str] | None = None,
     require_masks: bool = False,
     require_saliency: bool = False,
+    require_labels: bool = True,
     verify_images: bool = False,
 ) -> DatasetIndex:
     """Open a JSONL manifest (see the module docstring).
@@ -536,7 +543,8 @@ def open_manifest(
         classes: a classes file or a list of names; default ``classes.txt`` beside the manifest.
         default_classes: the names when neither ``classes`` nor ``classes.txt`` gives them (an
             error when None too).
-        require_masks, require_saliency, verify_images: as :func:`open_voc`.
+        require_masks, require_saliency, require_labels, verify_images: as :func:`open_voc`; without
+            ``require_labels`` a line may omit ``"labels"`` or give an empty list.
 
     Raises:
         DatasetError: every problem found (malformed JSON, unknown class names, empty label lists,
@@ -601,6 +609,8 @@ def open_manifest(
 
         y = np.zeros(len(names), np.float32)
         labels = rec.get("labels")
+        if labels is None and not require_labels:
+            labels = []
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             probs.add(path, "missing or invalid 'labels' (a list of class names)", lineno)
             ok = False
@@ -615,7 +625,7 @@ def open_manifest(
                 c = lookup.get(x.strip().lower())
                 if c is not None:
                     y[c] = 1.0
-            if not unknown and not y.any():
+            if require_labels and not unknown and not y.any():
                 probs.add(path, "empty label list (at least one foreground class is needed)", lineno)
                 ok = False
 
@@ -688,6 +698,7 @@ def open_dataset(
     saliency_root: PathLike | None = None,
     require_masks: bool = False,
     require_saliency: bool = False,
+    require_labels: bool = True,
     verify_images: bool = False,
 ) -> DatasetIndex:
     """Open a VOC-layout folder or a manifest, whichever ``path`` is (:func:`resolve_dataset`).
@@ -700,6 +711,7 @@ def open_dataset(
         default_classes=default_classes,
         require_masks=require_masks,
         require_saliency=require_saliency,
+        require_labels=require_labels,
         verify_images=verify_images,
     )
     if kind == "voc":

@@ -279,7 +279,7 @@ def segment_dataset(
     out = Path(out)
     t_start = time.perf_counter()
     scales = check_scales(scales)
-    index = open_dataset(data, split=split)
+    index = open_dataset(data, split=split, require_labels=False)  # step 2 needs no image-level labels
     expected = ("background", *index.classes)
     dev = resolve_device(device)
     if label_names is None and sniff_file(checkpoint) == "torch":

@@ -88,7 +88,7 @@ def build_seg_run(cfg: SegTrainConfig) -> SegRun:
         raise ValueError(f"--batch {cfg.batch} is not divisible by the {d.world} processes")
     if cfg.batch // d.world < 2:
         raise ValueError("each process needs >= 2 images per step (BatchNorm of the ASPP's image pooling)")
-    index = open_dataset(cfg.data, split=cfg.split)
+    index = open_dataset(cfg.data, split=cfg.split, require_labels=False)  # the label PNGs are enough
     aug = SegAugmentConfig(crop=cfg.crop, scale=cfg.scale, hsv=cfg.hsv)
     dataset = SegTrainDataset(index, cfg.labels, config=aug, seed=cfg.seed)
     label_names = ("background", *index.class_names)

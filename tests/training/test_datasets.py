@@ -306,3 +306,30 @@ def test_epoch_order():
     a = epoch_order(10, 0, 0)
     assert sorted(a.tolist()) == list(range(10))
     assert np.array_equal(a, epoch_order(10, 0, 0)) and not np.array_equal(a, epoch_order(10, 0, 1))
+
+
+def test_unlabelled_images_are_accepted_when_labels_are_not_required(tmp_path):
+    """Step 2 (DeepLab) needs no image-level labels, e.g. on VOC's test split (no masks, no tags)."""
+    root = _voc(tmp_path / "voc")
+    _jpeg(root / "JPEGImages" / "2008_000009.jpg", seed=9)
+    (root / "ImageSets" / "Segmentation" / "test.txt").write_text("2008_000009\n2007_000002\n")
+    with pytest.raises(DatasetError, match="no image-level labels for '2008_000009'"):
+        open_voc(root, "test")
+    ds = open_dataset(root, "test", require_labels=False)
+    assert ds.ids == ["2008_000009", "2007_000002"]
+    assert not ds[0].labels.any() and ds[0].mask is None and ds[1].classes == (7,)
+    # a manifest line may omit "labels" or leave it empty; invalid or unknown ones are still errors
+    m = tmp_path / "m"
+    (m / "classes.txt").parent.mkdir()
+    (m / "classes.txt").write_text("cat\ndog\n")
+    _jpeg(m / "a.jpg")
+    lines = [{"image": "a.jpg"}, {"image": "a.jpg", "id": "b", "labels": []}, {"image": "a.jpg", "id": "c"}]
+    (m / "manifest.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with pytest.raises(DatasetError) as e:
+        open_manifest(m / "manifest.jsonl")
+    assert "missing or invalid 'labels'" in str(e.value) and "empty label list" in str(e.value)
+    ds = open_manifest(m / "manifest.jsonl", require_labels=False)
+    assert ds.ids == ["a", "b", "c"] and not ds.label_matrix().any()
+    (m / "manifest.jsonl").write_text(json.dumps({"image": "a.jpg", "labels": ["cow"]}) + "\n")
+    with pytest.raises(DatasetError, match="unknown class name"):
+        open_manifest(m / "manifest.jsonl", require_labels=False)

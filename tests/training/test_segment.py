@@ -268,3 +268,16 @@ def test_cuda_matches_the_cpu(setup):
     assert float((gpu.labels == cpu.labels).mean()) > 0.99
     with pytest.raises(ValueError, match="move it first"):
         segment_image(net, image, crf=False, device="cuda")
+
+
+def test_images_without_image_level_labels_are_segmented(setup, tmp_path):
+    """Step 2 needs no tags: a manifest of bare image paths (as VOC's test split) is segmented."""
+    data, index, _, _, ckpt = setup
+    m = tmp_path / "unlabelled"
+    m.mkdir()
+    (m / "classes.txt").write_text("\n".join(index.classes) + "\n")
+    lines = [json.dumps({"image": str(it.image), "id": f"u{i}"}) for i, it in enumerate(index.items)]
+    (m / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    s = segment_dataset(ckpt, m, tmp_path / "out", scales=(1.0,), crf=False, progress=False)
+    assert s["done"] == len(index.items) and s["failed"] == 0
+    assert sorted(p.stem for p in (tmp_path / "out" / "masks").iterdir()) == [f"u{i}" for i in range(3)]
