@@ -25,6 +25,7 @@ from hsc.model.deeplab import DeepLabV2
 from hsc.model.seg_checkpoint import save_segmenter
 from hsc.training.datasets import load_rgb, open_dataset
 from hsc.training.report import evaluate_predictions
+from hsc.training.seg_data import load_image_cv2
 from hsc.training.segment import DEFAULT_SCALES, segment_dataset, segment_image
 from hsc.training.synth import synthesize
 
@@ -148,7 +149,7 @@ def test_dataset_run_writes_masks_resumes_and_evaluates(setup, tmp_path):
         with Image.open(tmp_path / "masks" / f"{it.id}.png") as im:
             assert im.mode == "P" and im.size == (56, 48)
             mask = np.array(im)
-        direct = segment_image(net, np.asarray(load_rgb(it.image)), scales=(1.0,)).labels
+        direct = segment_image(net, load_image_cv2(it.image), scales=(1.0,)).labels  # decoded as the run does
         np.testing.assert_array_equal(mask, direct)
     assert not list(tmp_path.rglob("*.tmp"))
 
