@@ -98,6 +98,19 @@ def build_seg_run(cfg: SegTrainConfig) -> SegRun:
     )
     if cfg.init:
         report = load_imagenet_weights(net, cfg.init)
+        if not report.loaded:
+            raise ValueError(
+                f"--init {cfg.init}: none of its tensors is a ResNet-101 backbone key ({report.summary()}); "
+                "give an ImageNet ResNet-101 state dict (resnet101s-*.pth, or torchvision's with --stem "
+                "torchvision)"
+            )
+        if not report.ok:
+            warnings.warn(
+                f"--init {cfg.init} covers the backbone partly ({report.summary()}); the rest keeps its "
+                f"random initialisation. Missing: {', '.join(report.missing[:8])}"
+                + (" ..." if len(report.missing) > 8 else ""),
+                stacklevel=2,
+            )
         log.info("ImageNet initialisation from %s: %s", cfg.init, report.summary())
     else:
         warnings.warn(

@@ -279,3 +279,26 @@ def test_torchrun_two_processes_on_cpu(mini, tmp_path):
     assert (out / "rng.rank0.pt").is_file() and (out / "rng.rank1.pt").is_file()
     with pytest.raises(ValueError, match="batch must be >= 2"):
         _cfg(mini, tmp_path / "x", batch=1)
+
+
+def test_imagenet_init_is_loaded_checked_and_reported(mini, tmp_path):
+    from hsc.model.resnet101 import ResNet101
+
+    torch.manual_seed(3)
+    backbone = ResNet101(layers=TINY)
+    with torch.no_grad():
+        backbone.bn1.weight.uniform_(0.5, 1.5)  # "ImageNet" BatchNorm scales, not the default ones
+    good = tmp_path / "resnet101s.pth"
+    torch.save({**backbone.state_dict(), "fc.weight": torch.zeros(1000, 2048)}, good)
+    train_seg(_cfg(mini, tmp_path / "a", iters=1, init=str(good)), progress=False)
+    # the BatchNorm affine parameters are never optimised: they are the file's after training
+    sd = load_segmenter(tmp_path / "a" / "final.safetensors").net.state_dict()
+    assert torch.equal(sd["backbone.bn1.weight"], backbone.state_dict()["bn1.weight"])
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in backbone.state_dict().items() if not k.startswith("layer4.")}, partial)
+    with pytest.warns(UserWarning, match="covers the backbone partly"):
+        train_seg(_cfg(mini, tmp_path / "b", iters=1, init=str(partial)), progress=False)
+    junk = tmp_path / "junk.pth"
+    torch.save({"something.else": torch.zeros(3)}, junk)
+    with pytest.raises(ValueError, match="none of its tensors is a ResNet-101 backbone key"):
+        train_seg(_cfg(mini, tmp_path / "c", iters=1, init=str(junk)), progress=False)
